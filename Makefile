@@ -1,0 +1,31 @@
+# georep: the two commands of the README are `make demo` and `make test`.
+PY ?= python3
+STAMP := .setup.stamp
+
+.PHONY: setup demo test lint bench bench-quick clean
+
+# Installs what the project needs on a fresh Debian machine (idempotent, quick when done).
+$(STAMP): setup.cfg pyproject.toml scripts/setup.sh
+	PY=$(PY) bash scripts/setup.sh
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: $(STAMP)
+	PY=$(PY) bash scripts/demo.sh
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider tests
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m mypy
+
+bench: $(STAMP)
+	$(PY) -m bench.initial_sync --entries 20000 --reps 3
+
+bench-quick: $(STAMP)
+	$(PY) -m bench.initial_sync --entries 2000 --reps 1 --no-big-sparse
+
+clean:
+	rm -f $(STAMP)

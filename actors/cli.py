@@ -1,0 +1,148 @@
+"""``georep-node``: the one command of georep.
+
+Subcommands in this version:
+
+- ``sync PRIMARY SECONDARY --once``: make SECONDARY an exact replica of PRIMARY now.
+- ``secondary --root PATH``: the secondary host, started by the primary over a local
+  pipe or ssh; it speaks the protocol on stdio and is not for people.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+
+import pykka
+
+from actors.ledger import Failure
+from actors.remote import ConnectError
+from actors.supervisor import Summary, Supervisor, SyncOptions
+from fsops.primary import PrimaryError
+from transport.endpoint import EndpointError
+
+EXIT_OK, EXIT_FAILURES, EXIT_ERROR = 0, 1, 2
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _print_summary(s: Summary) -> None:
+    c, t = s.counters, s.transfer
+    state = "converged" if s.ok else f"NOT converged, {len(s.failures)} failure(s)"
+    print(f"georep: {s.primary} -> {s.secondary}: {state} in {s.seconds:.2f} s "
+          f"({s.passes} pass{'es' if s.passes != 1 else ''})")
+    print(f"  scanned   {c.get('scanned', 0)} entries in {c.get('dirs_scanned', 0)} directories")
+    print("  entries   " + ", ".join(
+        f"{k} {c.get(k, 0)}" for k in ("created", "linked", "renamed", "adopted", "deleted",
+                                       "kept", "meta")))
+    print(f"  data      {c.get('data_files', 0)} files pushed: {_human(t.get('bytes_sent', 0))} "
+          f"sent, {_human(t.get('bytes_matched', 0))} already there (delta), "
+          f"{t.get('holes_punched', 0)} holes punched; inline {c.get('inline_files', 0)} "
+          f"small files, {_human(c.get('inline_bytes', 0))}")
+    if c.get("purged"):
+        print(f"  purged    {c['purged']} deleted objects from the secondary")
+    for f in s.failures:
+        print(f"  FAILED    {f.line()}", file=sys.stderr)
+
+
+def cmd_sync(a: argparse.Namespace) -> int:
+    if not a.once:
+        print("georep-node sync: continuous mode is not available in this version; "
+              "use --once", file=sys.stderr)
+        return EXIT_ERROR
+    opts = SyncOptions(primary=a.primary, secondary=a.secondary, jobs=a.jobs,
+                       retries=a.retries, timeout=a.timeout, session=a.session,
+                       ssh_command=a.ssh_command, remote_command=a.remote_command)
+    try:
+        sup = Supervisor.start(opts)
+        try:
+            summary: Summary = sup.proxy().run_once().get()
+        finally:
+            sup.stop()
+    except (PrimaryError, ConnectError, EndpointError) as e:
+        print(f"georep-node sync: {e}", file=sys.stderr)
+        return EXIT_ERROR
+    finally:
+        pykka.ActorRegistry.stop_all(block=True, timeout=30)
+    if a.json:
+        print(json.dumps(summary.as_dict(), indent=2, sort_keys=True))
+    else:
+        _print_summary(summary)
+    if not summary.ok:
+        first: Failure = summary.failures[0]
+        print(f"georep-node sync: {len(summary.failures)} item(s) could not be synced, "
+              f"first: {first.line()}", file=sys.stderr)
+        return EXIT_FAILURES
+    return EXIT_OK
+
+
+def cmd_secondary(a: argparse.Namespace) -> int:
+    from actors.secondary_host import run_host
+
+    return run_host(a.root)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; its help texts are the reference of every option."""
+    p = argparse.ArgumentParser(
+        prog="georep-node",
+        description="Continuous, asynchronous geo-replication of Linux directory trees.")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more log output on stderr (-v info, -vv debug)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    s = sub.add_parser(
+        "sync", help="replicate PRIMARY to SECONDARY",
+        description="Make SECONDARY an exact replica of the directory PRIMARY: content, "
+        "owners, modes, ns times, xattrs, ACLs, hardlinks, symlinks, sparse files, "
+        "special files.  Objects keep their identity (gfid), so renames are applied as "
+        "renames.  Exit status: 0 converged, 1 some items failed (listed), 2 could not run.")
+    s.add_argument("primary", help="the directory to replicate")
+    s.add_argument("secondary", help="replica root: a local path (the secondary host runs as "
+                   "a local child process)")
+    s.add_argument("--once", action="store_true",
+                   help="crawl, sync and exit (required in this version)")
+    s.add_argument("--jobs", type=int, default=2, metavar="N",
+                   help="parallel data transfers (default: %(default)s)")
+    s.add_argument("--retries", type=int, default=1, metavar="N",
+                   help="extra passes that retry failed items (default: %(default)s)")
+    s.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS",
+                   help="longest wait for one reply from the secondary (default: %(default)s)")
+    s.add_argument("--session", metavar="NAME",
+                   help="name under which marks are kept on the primary root "
+                        "(default: derived from PRIMARY and SECONDARY)")
+    s.add_argument("--ssh-command", default="ssh", help=argparse.SUPPRESS)
+    s.add_argument("--remote-command", default="georep-node", help=argparse.SUPPRESS)
+    s.add_argument("--json", action="store_true", help="print the summary as JSON")
+    s.set_defaults(func=cmd_sync)
+
+    h = sub.add_parser("secondary", help="serve as the secondary host on stdio (not for people)",
+                       description="Secondary host: speaks georep's protocol on stdin/stdout "
+                       "and writes only beneath --root.  Started by the primary.")
+    h.add_argument("--root", required=True, help="the secondary root directory")
+    h.set_defaults(func=cmd_secondary)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``georep-node``."""
+    args = build_parser().parse_args(argv)
+    level = logging.WARNING - 10 * min(args.verbose, 2)
+    logging.basicConfig(level=level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

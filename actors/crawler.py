@@ -1,0 +1,233 @@
+"""Crawler: the hybrid crawl, walking the primary and comparing it with the secondary.
+
+Depth-first, one directory per message (the actor stays responsive between
+directories).  For each directory it lists the primary (assigning gfids on first
+sight), gets the secondary's listing of the same gfid, asks the pure reconciler what
+differs, reads the content of small files that must travel inline, and hands the ops
+to the Batcher in order.  Listings of the next directories on the stack are requested
+ahead of time; they are answered by the secondary's Lister out of band, which is safe
+because every op re-checks gfids when it is applied.
+
+Memory is bounded by the largest directory and the depth of the tree, not its size.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import stat
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any
+
+import pykka
+
+from actors.ledger import Ledger
+from actors.reconcile import (
+    DataJob,
+    Plan,
+    Remote,
+    SeenLinks,
+    SubDir,
+    dir_meta_needed,
+    plan_dir,
+)
+from fsops import gfid as gfids
+from fsops.constants import ROOT_GFID
+from fsops.primary import Entry, PrimaryTree
+from transport import Channel
+from transport.errors import NotFound
+
+log = logging.getLogger("georep.crawler")
+
+#: Listings requested ahead of the directory being crawled.
+PREFETCH = 16
+#: Largest file content put inline in an op (the protocol's limit for ``data``).
+INLINE_HARD_MAX = 1 << 20
+
+
+@dataclass(slots=True)
+class _Todo:
+    sub: SubDir
+    #: Secondary listing: a future, or None when the directory is known to be new (empty).
+    listing: Future[Any] | None
+    needs_listing: bool
+
+
+class Crawler(pykka.ThreadingActor):
+    """Walks the primary brick and feeds the Batcher with what must change."""
+
+    def __init__(self, primary: PrimaryTree, channel: Channel, batcher: Any, ledger: Ledger,
+                 credits: threading.Semaphore, done: Future[None], *,
+                 timeout: float = 600.0) -> None:
+        super().__init__()
+        self.primary = primary
+        self.channel = channel
+        self.batcher = batcher
+        self.ledger = ledger
+        self.credits = credits
+        self.done = done
+        self.timeout = timeout
+        self.seen = SeenLinks()
+        self.stack: list[_Todo] = []
+        self._me: Any = None
+
+    def on_start(self) -> None:
+        self._me = self.actor_ref.proxy()
+
+    def on_failure(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
+        if not self.done.done():
+            self.done.set_exception(exc or RuntimeError("crawler failed"))
+
+    def begin(self) -> None:
+        """Begin a hybrid crawl at the brick root."""
+        root = self.primary.root_entry()
+        row = self.channel.call("stat_gfid", {"gfid": ROOT_GFID}, timeout=self.timeout)
+        remote = None if row is None else Remote(b"", ROOT_GFID, *row)
+        self.stack = [_Todo(SubDir(root, b"", remote), None, True)]
+        self._me.step.defer()
+
+    def step(self) -> None:
+        """Crawl one directory, then schedule the next."""
+        if not self.stack:
+            if not self.done.done():
+                self.done.set_result(None)
+            return
+        todo = self.stack.pop()
+        self._prefetch()
+        self._crawl(todo)
+        self._me.step.defer()
+
+    def _request_listing(self, todo: _Todo) -> None:
+        if todo.needs_listing and todo.listing is None:
+            todo.listing = self.channel.call_async("list_dir", {"gfid": todo.sub.entry.gfid})
+
+    def _prefetch(self) -> None:
+        for todo in self.stack[-PREFETCH:]:
+            self._request_listing(todo)
+
+    def _listing(self, todo: _Todo) -> list[Remote]:
+        if not todo.needs_listing:
+            return []
+        self._request_listing(todo)
+        assert todo.listing is not None
+        try:
+            reply = todo.listing.result(timeout=self.timeout)
+        except NotFound:
+            return []  # not on the secondary (its ensure failed): the failure is in the ledger
+        return [Remote.from_row(r) for r in reply["entries"]]
+
+    def _crawl(self, todo: _Todo) -> None:
+        sub = todo.sub
+        d = sub.entry
+        fd = self.primary.open_dir(sub.relpath, d.gfid)
+        if fd is None:
+            self.ledger.count("dirs_vanished")
+            return
+        try:
+            entries, problems = self.primary.list_dir(fd, is_root=not sub.relpath)
+            for name, reason in problems:
+                self.ledger.fail("entry", "scan", _join(sub.relpath, name), None, None, reason)
+            remote = self._listing(todo)
+            plan = plan_dir(d.gfid, sub.relpath, entries, remote, self.seen)
+            self.ledger.count("scanned", len(entries))
+            self.ledger.count("dirs_scanned")
+            self._read_inline(fd, sub.relpath, plan)
+        finally:
+            os.close(fd)
+        ops = plan.ops
+        paths = [_join(sub.relpath, op.get("name", b"")) for op in ops]
+        if dir_meta_needed(d, sub.remote, plan):
+            ops.append({"op": "meta", "gfid": d.gfid, "meta": d.meta()})
+            paths.append(sub.relpath or b".")
+        self.credits.acquire()
+        self.batcher.add.defer(ops, paths, plan.data)
+        self._push_subdirs(plan)
+
+    def _push_subdirs(self, plan: Plan) -> None:
+        new = [s for s in plan.subdirs if s.remote is None]
+        known: set[bytes] = set()
+        if new:
+            found = self.channel.call("lookup", {"gfids": [s.entry.gfid for s in new]},
+                                      timeout=self.timeout)
+            known = {s.entry.gfid for s, t in zip(new, found, strict=True) if t is not None}
+        for s in reversed(plan.subdirs):
+            needs = s.remote is not None or s.entry.gfid in known
+            self.stack.append(_Todo(s, None, needs))
+
+    def _read_inline(self, dir_fd: int, relpath: bytes, plan: Plan) -> None:
+        """Attach the content of small files to their ensure ops (dropping vanished ones)."""
+        drop: list[int] = []
+        for i in plan.want_data:
+            op = plan.ops[i]
+            try:
+                data, st = _read_small(dir_fd, op["name"], op["gfid"])
+            except OSError as e:
+                self.ledger.fail("data", "read", _join(relpath, op["name"]), op["gfid"],
+                                 e.errno, e.strerror or str(e))
+                drop.append(i)
+                continue
+            if data is None or st is None:
+                drop.append(i)  # replaced or removed since listed: seen by the next pass
+                continue
+            if len(data) > INLINE_HARD_MAX:
+                # It grew since we listed it: send it as a data job after its ensure.
+                plan.data.append(DataJob(_refresh(op, st), _join(relpath, op["name"]), None, i))
+                continue
+            op["data"] = data
+            op["meta"]["mtime"], op["meta"]["atime"] = st.st_mtime_ns, st.st_atime_ns
+        if drop:
+            keep = [i for i in range(len(plan.ops)) if i not in set(drop)]
+            remap = {old: new for new, old in enumerate(keep)}
+            plan.ops = [plan.ops[i] for i in keep]
+            for job in plan.data:
+                if job.ensure_index is not None:
+                    job.ensure_index = remap.get(job.ensure_index)
+
+
+def _refresh(op: dict[str, Any], st: os.stat_result) -> Entry:
+    m = op["meta"]
+    return Entry(op["name"], op["gfid"], "f", m["mode"], m["uid"], m["gid"], st.st_size,
+                 st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink, st.st_ino,
+                 0, None, m.get("xattrs", {}))
+
+
+def _join(relpath: bytes, name: bytes) -> bytes:
+    return relpath + b"/" + name if relpath else name
+
+
+def _read_small(dir_fd: int, name: bytes,
+                gfid: bytes) -> tuple[bytes | None, os.stat_result | None]:
+    """Content of a small file if it is still ``gfid``; re-read if it changed meanwhile."""
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOATIME
+    try:
+        fd = os.open(name, flags, dir_fd=dir_fd)
+    except PermissionError:
+        fd = os.open(name, flags & ~os.O_NOATIME, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None, None
+    try:
+        for _ in range(3):
+            st0 = os.fstat(fd)
+            if not stat.S_ISREG(st0.st_mode) or gfids.read_gfid(fd, st0.st_ino) != gfid:
+                return None, None
+            chunks = []
+            off = 0
+            while True:
+                b = os.pread(fd, max(st0.st_size - off, 0) + 65536, off)
+                if not b:
+                    break
+                chunks.append(b)
+                off += len(b)
+                if off > INLINE_HARD_MAX:
+                    break
+            st1 = os.fstat(fd)
+            if (st1.st_size, st1.st_mtime_ns, st1.st_ctime_ns) == (
+                    st0.st_size, st0.st_mtime_ns, st0.st_ctime_ns):
+                return b"".join(chunks), st1
+        # Stamping the last mtime on content read before it would hide the change forever.
+        raise OSError(errno.EAGAIN, "file kept changing while being read")
+    finally:
+        os.close(fd)

@@ -1,0 +1,184 @@
+"""Decide what makes one secondary directory equal to its primary counterpart.
+
+Pure: no I/O.  Given the primary's entries of a directory and the secondary's listing
+of the same directory (by gfid), it returns the ops, in apply order, and the work
+that follows (files whose data must move, subdirectories to descend into).  The
+secondary applier re-checks every gfid before acting, so a plan computed from a
+slightly stale listing is still safe to apply.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from fsops.constants import NO_GFID, T_BLK, T_CHR, T_DIR, T_FILE, T_SYMLINK
+from fsops.primary import Entry
+
+#: Regular files up to this size travel inline in their ``ensure`` op.
+INLINE_MAX = 64 * 1024
+
+
+@dataclass(slots=True)
+class Remote:
+    """One row of a secondary ``list_dir`` reply."""
+
+    name: bytes
+    gfid: bytes | None
+    type: str
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    mtime_ns: int
+    xdigest: bytes
+    nlink: int
+
+    @classmethod
+    def from_row(cls, row: Sequence[Any]) -> Remote:
+        """Build from a ``list_dir`` row (name, gfid, type, mode, uid, gid, size, mtime...)."""
+        return cls(*row[:10])
+
+
+@dataclass(slots=True)
+class DataJob:
+    """A regular file whose content must be pushed to the secondary."""
+
+    entry: Entry
+    relpath: bytes
+    #: Size of the secondary's copy when known from the listing; None: ask after the ensure.
+    remote_size: int | None
+    #: Index of this file's ``ensure`` in the plan's ops, if the plan has one.
+    ensure_index: int | None = None
+
+
+@dataclass(slots=True)
+class SubDir:
+    """A child directory to crawl next."""
+
+    entry: Entry
+    relpath: bytes
+    #: Its row in this directory's secondary listing when it is already in place.
+    remote: Remote | None
+
+
+@dataclass(slots=True)
+class Plan:
+    """What to send for one directory, in order."""
+
+    ops: list[dict[str, Any]] = field(default_factory=list)
+    #: Indexes into ``ops`` of ensures whose inline ``data`` the crawler must read.
+    want_data: list[int] = field(default_factory=list)
+    data: list[DataJob] = field(default_factory=list)
+    subdirs: list[SubDir] = field(default_factory=list)
+    #: Number of entry (namespace) ops in ``ops``.
+    entry_ops: int = 0
+
+
+class SeenLinks:
+    """Bounded memory of hardlinked gfids already handled in this crawl.
+
+    A hardlinked file is seen once per name; its data and meta move once.  Forgetting
+    an old gfid (the bound) costs a redundant, harmless re-check, never a wrong result.
+    """
+
+    def __init__(self, limit: int = 200_000) -> None:
+        self._seen: OrderedDict[bytes, None] = OrderedDict()
+        self._limit = limit
+
+    def first_time(self, gfid: bytes) -> bool:
+        """Record ``gfid``; True if it was not recorded already."""
+        if gfid in self._seen:
+            self._seen.move_to_end(gfid)
+            return False
+        self._seen[gfid] = None
+        if len(self._seen) > self._limit:
+            self._seen.popitem(last=False)
+        return True
+
+
+def meta_differs(e: Entry, r: Remote) -> bool:
+    """True when owner, mode, mtime or xattrs of the secondary copy differ."""
+    if e.uid != r.uid or e.gid != r.gid or e.mtime_ns != r.mtime_ns or e.xdigest != r.xdigest:
+        return True
+    return e.type != T_SYMLINK and e.mode != r.mode
+
+
+def ensure_op(pgfid: bytes, e: Entry) -> dict[str, Any]:
+    """The ``ensure`` op that puts ``e`` at its name, created with all its meta if new."""
+    op: dict[str, Any] = {"op": "ensure", "pgfid": pgfid, "name": e.name, "gfid": e.gfid,
+                          "type": e.type, "meta": e.meta()}
+    if e.target is not None:
+        op["target"] = e.target
+    if e.type in (T_CHR, T_BLK):
+        op["rdev"] = e.rdev
+    return op
+
+
+def _child(relpath: bytes, name: bytes) -> bytes:
+    return relpath + b"/" + name if relpath else name
+
+
+def plan_dir(pgfid: bytes, relpath: bytes, primary: Iterable[Entry],
+             secondary: Iterable[Remote], seen: SeenLinks,
+             inline_max: int = INLINE_MAX) -> Plan:
+    """Compute the ops that make the secondary directory ``pgfid`` equal the primary's.
+
+    Order: ensures (creates, links, renames, adoptions, replacements), then deletes of
+    names the primary no longer has, then meta of unchanged-name entries.  Ensures come
+    before deletes so that a directory renamed within this directory is moved, not sent
+    to limbo and back.
+    """
+    plan = Plan()
+    remote = {r.name: r for r in secondary}
+    metas: list[dict[str, Any]] = []
+    names: set[bytes] = set()
+    for e in primary:
+        names.add(e.name)
+        r = remote.get(e.name)
+        path = _child(relpath, e.name)
+        in_place = r is not None and r.gfid == e.gfid and r.type == e.type
+        if e.type == T_DIR:
+            if not in_place:
+                plan.ops.append(ensure_op(pgfid, e))
+                plan.entry_ops += 1
+            plan.subdirs.append(SubDir(e, path, r if in_place else None))
+            continue
+        first = e.nlink <= 1 or seen.first_time(e.gfid)
+        if in_place:
+            assert r is not None
+            if not first:
+                continue
+            if e.type == T_FILE and (r.size != e.size or r.mtime_ns != e.mtime_ns):
+                if e.size <= inline_max:
+                    plan.want_data.append(len(plan.ops))
+                    plan.ops.append(ensure_op(pgfid, e))
+                else:
+                    plan.data.append(DataJob(e, path, r.size))
+            elif meta_differs(e, r):
+                metas.append({"op": "meta", "gfid": e.gfid, "meta": e.meta()})
+            continue
+        op = ensure_op(pgfid, e)
+        if e.type == T_FILE and first:
+            if e.size <= inline_max:
+                plan.want_data.append(len(plan.ops))
+            else:
+                plan.data.append(DataJob(e, path, None, len(plan.ops)))
+        elif e.type == T_FILE:
+            op.pop("meta")  # another name of a file already handled: link only
+        plan.ops.append(op)
+        plan.entry_ops += 1
+    for name, r in remote.items():
+        if name not in names:
+            plan.ops.append({"op": "delete", "pgfid": pgfid, "name": name,
+                             "gfid": r.gfid if r.gfid is not None else NO_GFID})
+            plan.entry_ops += 1
+    plan.ops.extend(metas)
+    return plan
+
+
+def dir_meta_needed(e: Entry, r: Remote | None, plan: Plan) -> bool:
+    """A directory's own meta is (re)applied after its entries changed or when it differs."""
+    return r is None or plan.entry_ops > 0 or meta_differs(e, r)

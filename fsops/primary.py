@@ -1,0 +1,178 @@
+"""Read-only access to a primary brick: directory listings with gfids and metadata.
+
+The crawler only reads; the one thing it writes on the primary is a gfid xattr on an
+object seen for the first time (and the marks on the root, see :mod:`fsops.marks`).
+Directories are opened beneath the brick root with no symlink crossing, and each
+opened directory's gfid is checked against what its parent's listing said, so a
+directory swapped for something else mid-crawl is skipped, not misread.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass, field
+
+from fsops import gfid as gfids
+from fsops import xattrs
+from fsops.constants import (
+    META_DIR,
+    ROOT_GFID,
+    T_BLK,
+    T_CHR,
+    T_DIR,
+    T_FIFO,
+    T_FILE,
+    T_SOCK,
+    T_SYMLINK,
+)
+from fsops.resolve import open_beneath
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOATIME
+_TYPES = {
+    stat.S_IFREG: T_FILE, stat.S_IFDIR: T_DIR, stat.S_IFLNK: T_SYMLINK,
+    stat.S_IFIFO: T_FIFO, stat.S_IFCHR: T_CHR, stat.S_IFBLK: T_BLK, stat.S_IFSOCK: T_SOCK,
+}
+
+
+class PrimaryError(Exception):
+    """The primary brick cannot be read as a whole (missing root, not a directory)."""
+
+
+@dataclass(slots=True)
+class Entry:
+    """One object in a primary directory, as the reconciler needs it."""
+
+    name: bytes
+    gfid: bytes
+    type: str
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    nlink: int
+    ino: int
+    rdev: int = 0
+    target: bytes | None = None
+    xattrs: dict[bytes, bytes] = field(default_factory=dict)
+    xdigest: bytes = b""
+
+    def meta(self) -> dict[str, object]:
+        """The meta map of docs/protocol.md for this object."""
+        return {"mode": self.mode, "uid": self.uid, "gid": self.gid,
+                "atime": self.atime_ns, "mtime": self.mtime_ns, "xattrs": self.xattrs}
+
+
+def entry_type(mode: int) -> str:
+    """Wire type code of a ``st_mode``."""
+    return _TYPES[stat.S_IFMT(mode)]
+
+
+class PrimaryTree:
+    """A primary brick root, opened once; everything below is reached beneath it."""
+
+    def __init__(self, root: bytes) -> None:
+        self.root = os.path.abspath(root)
+        try:
+            self.root_fd = os.open(self.root, _DIR_FLAGS | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise PrimaryError(f"primary {os.fsdecode(self.root)!r} does not exist")
+        except NotADirectoryError:
+            raise PrimaryError(f"primary {os.fsdecode(self.root)!r} is not a directory")
+        except PermissionError:
+            self.root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        st = os.fstat(self.root_fd)
+        self.root_dev = st.st_dev
+
+    def close(self) -> None:
+        """Release the root fd."""
+        os.close(self.root_fd)
+
+    def open_dir(self, relpath: bytes, want_gfid: bytes) -> int | None:
+        """fd of the directory at ``relpath`` if it is still the object ``want_gfid``."""
+        if not relpath:
+            return os.dup(self.root_fd)
+        try:
+            fd = open_beneath(self.root_fd, relpath, _DIR_FLAGS)
+        except PermissionError:
+            fd = open_beneath(self.root_fd, relpath, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV):
+                return None
+            raise
+        ino = os.fstat(fd).st_ino
+        if gfids.read_gfid(fd, ino) != want_gfid:
+            os.close(fd)
+            return None
+        return fd
+
+    def open_file(self, relpath: bytes, want_gfid: bytes) -> int | None:
+        """Read-only fd (O_NOATIME if allowed) of the file at ``relpath`` if it is ``want_gfid``."""
+        flags = os.O_RDONLY | os.O_NOATIME | os.O_NOFOLLOW
+        try:
+            try:
+                fd = open_beneath(self.root_fd, relpath, flags)
+            except PermissionError:
+                fd = open_beneath(self.root_fd, relpath, flags & ~os.O_NOATIME)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP, errno.EXDEV):
+                return None
+            raise
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or gfids.read_gfid(fd, st.st_ino) != want_gfid:
+            os.close(fd)
+            return None
+        return fd
+
+    def root_entry(self) -> Entry:
+        """The brick root as an Entry (its gfid is always ROOT_GFID)."""
+        st = os.fstat(self.root_fd)
+        attrs = xattrs.read_replicated(self.root_fd)
+        return Entry(b"", ROOT_GFID, T_DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                     0, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink,
+                     st.st_ino, 0, None, attrs, xattrs.digest(attrs))
+
+    def list_dir(self, dir_fd: int, *,
+                 is_root: bool) -> tuple[list[Entry], list[tuple[bytes, str]]]:
+        """Every entry of an open directory with its gfid (assigned on first sight).
+
+        Returns (entries sorted by name, problems) where problems are (name, reason)
+        pairs for entries that vanished or could not be read; they are not fatal.
+        """
+        entries: list[Entry] = []
+        problems: list[tuple[bytes, str]] = []
+        with os.scandir(dir_fd) as it:
+            names = [de.name for de in it]
+        for n in names:
+            name = os.fsencode(n)
+            if is_root and name == META_DIR:
+                continue
+            try:
+                entries.append(self._entry(dir_fd, name))
+            except FileNotFoundError:
+                continue  # removed while we listed: the next pass or the journal sees it
+            except OSError as e:
+                problems.append((name, f"{os.strerror(e.errno or 0)} (errno {e.errno})"))
+        entries.sort(key=lambda e: e.name)
+        return entries, problems
+
+    def _entry(self, dir_fd: int, name: bytes) -> Entry:
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        t = entry_type(st.st_mode)
+        gfid = gfids.ensure_gfid(name, st.st_ino, dir_fd=dir_fd)
+        attrs: dict[bytes, bytes] = {}
+        for xn in xattrs.names(name, dir_fd=dir_fd):
+            if xattrs.replicated(xn):
+                v = xattrs.get(name, xn, dir_fd=dir_fd)
+                if v is not None:
+                    attrs[xn] = v
+        target = os.readlink(name, dir_fd=dir_fd) if t == T_SYMLINK else None
+        return Entry(name, gfid, t, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                     st.st_size if t == T_FILE else 0, st.st_atime_ns, st.st_mtime_ns,
+                     st.st_ctime_ns, st.st_nlink, st.st_ino,
+                     st.st_rdev if t in (T_CHR, T_BLK) else 0, target, attrs,
+                     xattrs.digest(attrs))

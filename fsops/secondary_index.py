@@ -1,0 +1,406 @@
+"""The secondary's private state: the gfid index, limbo and the orphan list.
+
+Layout under ``<root>/.georep`` (see docs/protocol.md):
+
+- ``gfid/ab/cd/<hex>``: a hardlink for a non-directory; for a directory a symlink whose
+  target is ``<parent gfid hex>/<name>``. Those symlinks are data, never followed.
+- ``limbo/<hex>``: directories evicted or deleted, purged when the crawl ends.
+- ``orphans``: concatenated 16-byte gfids whose last visible name went away.
+
+Everything is reached through directory fds and ``*at`` calls so a hostile name or a
+tampered index entry cannot make us touch anything outside the secondary root.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import stat
+import uuid
+from collections import OrderedDict
+
+from fsops import xattrs
+from fsops.constants import GFID_XATTR, LIMBO_GFID, META_DIR, NAME_MAX, ROOT_GFID, is_root
+
+GFID_DIR = b"gfid"
+LIMBO_DIR = b"limbo"
+ORPHANS = b"orphans"
+
+DIR_CACHE_SIZE = 256
+INDEX_DIR_CACHE_SIZE = 64
+#: Longest parent chain followed when resolving a directory; deeper means a loop.
+MAX_DEPTH = 4096
+
+_HEX = frozenset(b"0123456789abcdef")
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+_SYS_OPENAT2 = 437
+_RESOLVE_NO_MAGICLINKS = 0x02
+_RESOLVE_NO_SYMLINKS = 0x04
+_RESOLVE_BENEATH = 0x08
+
+
+class SecondaryError(Exception):
+    """The secondary cannot be used at all (missing root, unwritable, broken layout)."""
+
+
+class NotFound(SecondaryError):
+    """A gfid the secondary does not know (or whose index entry is stale)."""
+
+
+def check_name(name: object) -> bytes:
+    """Return ``name`` if it is a valid single path component, else raise OSError(EINVAL)."""
+    if (not isinstance(name, bytes) or not 1 <= len(name) <= NAME_MAX or b"/" in name
+            or b"\0" in name or name in (b".", b"..")):
+        raise OSError(errno.EINVAL, "invalid name")
+    return name
+
+
+def check_gfid(gfid: object) -> bytes:
+    """Return ``gfid`` if it is 16 bytes, else raise OSError(EINVAL)."""
+    if not isinstance(gfid, bytes) or len(gfid) != 16:
+        raise OSError(errno.EINVAL, "invalid gfid")
+    return gfid
+
+
+def hexname(gfid: bytes) -> bytes:
+    """Index file name of a gfid."""
+    return gfid.hex().encode()
+
+
+def parse_dir_target(target: bytes) -> tuple[bytes, bytes] | None:
+    """``(parent gfid, name)`` from a directory index symlink target, None if malformed."""
+    phex, sep, name = target.partition(b"/")
+    if not sep or len(phex) != 32 or not _HEX.issuperset(phex):
+        return None
+    try:
+        check_name(name)
+    except OSError:
+        return None
+    parent = bytes.fromhex(phex.decode())
+    if parent == ROOT_GFID and name == META_DIR:
+        return None
+    return parent, name
+
+
+class _OpenHow(ctypes.Structure):
+    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
+                ("resolve", ctypes.c_uint64)]
+
+
+LIBC = ctypes.CDLL(None, use_errno=True)
+_have_openat2 = True
+
+
+def open_dir_beneath(base_fd: int, path: bytes) -> int:
+    """Open directory ``path`` under ``base_fd`` without following any symlink or ``..``.
+
+    openat2 with RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS lets the kernel enforce it in one
+    call; older kernels get a component-by-component O_NOFOLLOW walk instead.
+    """
+    global _have_openat2
+    if _have_openat2:
+        how = _OpenHow(os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0,
+                       _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
+        fd = LIBC.syscall(_SYS_OPENAT2, ctypes.c_int(base_fd), ctypes.c_char_p(path),
+                           ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
+        if fd >= 0:
+            return int(fd)
+        err = ctypes.get_errno()
+        if err != errno.ENOSYS:
+            raise OSError(err, os.strerror(err))
+        _have_openat2 = False
+    cur = base_fd
+    try:
+        for comp in path.split(b"/"):
+            check_name(comp)
+            nxt = os.open(comp, _DIR_FLAGS, dir_fd=cur)
+            if cur != base_fd:
+                os.close(cur)
+            cur = nxt
+    except BaseException:
+        if cur != base_fd:
+            os.close(cur)
+        raise
+    return os.dup(cur) if cur == base_fd else cur
+
+
+class FdCache:
+    """Bounded LRU of open directory fds; an evicted fd is closed.
+
+    Callers use a returned fd right away and never close it; the capacity is far above
+    the handful of fds one operation holds at once.
+    """
+
+    def __init__(self, capacity: int) -> None:
+        self.capacity = capacity
+        self._fds: OrderedDict[bytes, int] = OrderedDict()
+
+    def get(self, key: bytes) -> int | None:
+        """The cached fd, or None; a directory removed behind our back is dropped."""
+        fd = self._fds.get(key)
+        if fd is None:
+            return None
+        try:
+            if os.fstat(fd).st_nlink == 0:
+                self.drop(key)
+                return None
+        except OSError:
+            self.drop(key)
+            return None
+        self._fds.move_to_end(key)
+        return fd
+
+    def put(self, key: bytes, fd: int) -> None:
+        """Take ownership of ``fd``."""
+        old = self._fds.pop(key, None)
+        if old is not None and old != fd:
+            os.close(old)
+        self._fds[key] = fd
+        while len(self._fds) > self.capacity:
+            _, victim = self._fds.popitem(last=False)
+            os.close(victim)
+
+    def drop(self, key: bytes) -> None:
+        """Forget and close one entry."""
+        fd = self._fds.pop(key, None)
+        if fd is not None:
+            os.close(fd)
+
+    def close_all(self) -> None:
+        """Close every cached fd."""
+        while self._fds:
+            _, fd = self._fds.popitem()
+            os.close(fd)
+
+
+def _open_or_make_dir(name: bytes, dir_fd: int, create: bool) -> int:
+    if create:
+        try:
+            os.mkdir(name, 0o700, dir_fd=dir_fd)
+        except FileExistsError:
+            pass
+    return os.open(name, _DIR_FLAGS, dir_fd=dir_fd)
+
+
+class GfidIndex:
+    """gfid -> object lookups for the secondary, plus limbo and orphan bookkeeping."""
+
+    def __init__(self, root_fd: int) -> None:
+        self.root_fd = root_fd
+        self._fds: list[int] = []
+        try:
+            self.meta_fd = self._keep(_open_or_make_dir(META_DIR, root_fd, True))
+            self.gfid_fd = self._keep(_open_or_make_dir(GFID_DIR, self.meta_fd, True))
+            self.limbo_fd = self._keep(_open_or_make_dir(LIMBO_DIR, self.meta_fd, True))
+            self.orphans_fd = self._keep(os.open(
+                ORPHANS, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
+                0o600, dir_fd=self.meta_fd))
+        except OSError as e:
+            self.close()
+            raise SecondaryError(f"cannot set up {META_DIR.decode()}/: {e.strerror}") from None
+        self.dirs = FdCache(DIR_CACHE_SIZE)
+        self._idx_dirs = FdCache(INDEX_DIR_CACHE_SIZE)
+
+    def _keep(self, fd: int) -> int:
+        self._fds.append(fd)
+        return fd
+
+    def close(self) -> None:
+        """Close every fd this index holds."""
+        for cache in ("dirs", "_idx_dirs"):
+            c = getattr(self, cache, None)
+            if c is not None:
+                c.close_all()
+        while self._fds:
+            os.close(self._fds.pop())
+
+    # -- index entries -------------------------------------------------------------
+
+    def idx_dir(self, gfid: bytes, *, create: bool = False) -> int | None:
+        """fd of ``gfid/ab/cd`` holding the gfid's entry (made lazily when ``create``)."""
+        h = hexname(gfid)
+        key = h[:4]
+        fd = self._idx_dirs.get(key)
+        if fd is not None:
+            return fd
+        try:
+            top = _open_or_make_dir(h[:2], self.gfid_fd, create)
+            try:
+                fd = _open_or_make_dir(h[2:4], top, create)
+            finally:
+                os.close(top)
+        except FileNotFoundError:
+            return None
+        self._idx_dirs.put(key, fd)
+        return fd
+
+    def lstat(self, gfid: bytes) -> os.stat_result | None:
+        """lstat of the gfid's index entry, None when absent."""
+        d = self.idx_dir(gfid)
+        if d is None:
+            return None
+        try:
+            return os.stat(hexname(gfid), dir_fd=d, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+
+    def is_object(self, gfid: bytes, st: os.stat_result) -> bool:
+        """Whether index entry ``st`` is a hardlink of the object itself.
+
+        Directory entries are symlinks, and so are links of symlink objects; ours carry
+        the gfid xattr as root (a directory's index symlink never does). As non-root
+        symlinks cannot carry it: a second name, or a target that is no directory
+        record, marks an object.
+        """
+        if not stat.S_ISLNK(st.st_mode):
+            return True
+        d = self.idx_dir(gfid)
+        if d is None:
+            return False
+        if is_root():
+            try:
+                return xattrs.get(hexname(gfid), GFID_XATTR, dir_fd=d) == gfid
+            except OSError:
+                return False
+        return st.st_nlink > 1 or self.dir_target(gfid) is None
+
+    def dir_target(self, gfid: bytes) -> tuple[bytes, bytes] | None:
+        """``(parent gfid, name)`` recorded for a directory gfid, None if none/malformed."""
+        d = self.idx_dir(gfid)
+        if d is None:
+            return None
+        try:
+            target = os.readlink(hexname(gfid), dir_fd=d)
+        except OSError:
+            return None
+        return parse_dir_target(target)
+
+    def set_dir(self, gfid: bytes, pgfid: bytes, name: bytes) -> None:
+        """Record directory ``gfid`` as ``name`` in ``pgfid`` (atomic replace)."""
+        target = hexname(pgfid) + b"/" + name
+        d = self.idx_dir(gfid, create=True)
+        assert d is not None
+        h = hexname(gfid)
+        try:
+            if os.readlink(h, dir_fd=d) == target:
+                return
+        except OSError:
+            pass
+        tmp = h + b".tmp"
+        try:
+            os.unlink(tmp, dir_fd=d)
+        except FileNotFoundError:
+            pass
+        os.symlink(target, tmp, dir_fd=d)
+        os.rename(tmp, h, src_dir_fd=d, dst_dir_fd=d)
+
+    def set_link(self, gfid: bytes, dir_fd: int, name: bytes, ino: int) -> None:
+        """Make the gfid's index entry a hardlink of ``name`` (inode ``ino``) in ``dir_fd``."""
+        d = self.idx_dir(gfid, create=True)
+        assert d is not None
+        h = hexname(gfid)
+        try:
+            os.link(name, h, src_dir_fd=dir_fd, dst_dir_fd=d, follow_symlinks=False)
+            return
+        except FileExistsError:
+            pass
+        st = os.stat(h, dir_fd=d, follow_symlinks=False)
+        if st.st_ino == ino:
+            return
+        tmp = h + b".tmp"
+        try:
+            os.unlink(tmp, dir_fd=d)
+        except FileNotFoundError:
+            pass
+        os.link(name, tmp, src_dir_fd=dir_fd, dst_dir_fd=d, follow_symlinks=False)
+        os.rename(tmp, h, src_dir_fd=d, dst_dir_fd=d)
+
+    def remove(self, gfid: bytes) -> None:
+        """Drop the gfid's index entry; absent is fine."""
+        d = self.idx_dir(gfid)
+        if d is None:
+            return
+        try:
+            os.unlink(hexname(gfid), dir_fd=d)
+        except FileNotFoundError:
+            pass
+
+    # -- directories ---------------------------------------------------------------
+
+    def dir_fd(self, gfid: bytes) -> int | None:
+        """Open (cached) fd of directory ``gfid``, or None when unknown or stale.
+
+        The parent chain is read from index symlinks up to the root, limbo or a cached
+        ancestor, opened beneath that base with no symlink following, and the result is
+        accepted only if it carries the wanted gfid.
+        """
+        if gfid == ROOT_GFID:
+            return self.root_fd
+        if gfid == LIMBO_GFID:
+            return self.limbo_fd
+        fd = self.dirs.get(gfid)
+        if fd is not None:
+            return fd
+        chain: list[bytes] = []
+        seen = {gfid}
+        cur = gfid
+        while True:
+            t = self.dir_target(cur)
+            if t is None:
+                return None
+            parent, name = t
+            chain.append(name)
+            if parent in seen or len(chain) > MAX_DEPTH:
+                return None
+            seen.add(parent)
+            if parent == ROOT_GFID:
+                base = self.root_fd
+                break
+            if parent == LIMBO_GFID:
+                base = self.limbo_fd
+                break
+            cached = self.dirs.get(parent)
+            if cached is not None:
+                base = cached
+                break
+            cur = parent
+        try:
+            fd = open_dir_beneath(base, b"/".join(reversed(chain)))
+        except OSError:
+            return None
+        try:
+            ok = xattrs.get(fd, GFID_XATTR) == gfid
+        except OSError:
+            ok = False
+        if not ok:
+            os.close(fd)
+            return None
+        self.dirs.put(gfid, fd)
+        return fd
+
+    def forget_dir(self, gfid: bytes) -> None:
+        """Drop a directory from the fd cache (it was removed)."""
+        self.dirs.drop(gfid)
+
+    # -- orphans -------------------------------------------------------------------
+
+    def add_orphan(self, gfid: bytes) -> None:
+        """Record that ``gfid`` lost a name; end_crawl checks whether it lost its last."""
+        os.write(self.orphans_fd, gfid)
+
+    def orphans(self) -> list[bytes]:
+        """Recorded orphan gfids (a torn trailing record from a crash is ignored)."""
+        size = os.fstat(self.orphans_fd).st_size
+        raw = os.pread(self.orphans_fd, size, 0)
+        return [raw[i:i + 16] for i in range(0, len(raw) - 15, 16)]
+
+    def clear_orphans(self) -> None:
+        """Empty the orphan list."""
+        os.ftruncate(self.orphans_fd, 0)
+
+
+def new_gfid() -> bytes:
+    """A fresh random gfid (for a secondary-only directory that must live in limbo)."""
+    return uuid.uuid4().bytes

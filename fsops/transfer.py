@@ -1,0 +1,239 @@
+"""Primary-side file data transfer: full copy or block-signature delta, over an RPC callable.
+
+``push_file`` sends one regular file's content to the secondary with ``data_sigs``,
+``data_write``, ``data_hole`` and ``data_finish`` (see docs/protocol.md). The secondary handles
+requests in order, so writes are pipelined without waiting for each reply; only the number of
+outstanding requests is bounded (memory) and every reply is checked before ``data_finish``,
+which stamps the file's times and so must never follow a failed write.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import os
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from fsops.blocks import DEFAULT_BLOCK, SIG_SIZE, block_sigs, data_extents, zero_sig
+
+#: ``rpc(method, args, payload)`` -> Future of the reply's result (exception on an error reply).
+Rpc = Callable[[str, dict, bytes | None], concurrent.futures.Future]
+
+#: Outstanding data_write/data_hole requests before waiting for the oldest reply.
+MAX_OUTSTANDING = 16
+#: Upper bound of blocks per data_sigs request (keeps a reply <= 1 MiB of signatures).
+MAX_SIGS_PER_REQUEST = 65536
+
+
+@dataclass
+class TransferStats:
+    """Counters of one or more transfers (payload bytes, not frame overhead)."""
+
+    bytes_sent: int = 0
+    bytes_matched: int = 0
+    holes_punched: int = 0
+    writes: int = 0
+    sig_bytes: int = 0
+    files: int = 0
+
+
+class FileChanged(Exception):
+    """The primary file changed (size, mtime or ctime) while it was read: re-queue it.
+
+    ``data_finish`` was not sent, so the secondary's times still mark the file as out of date.
+    """
+
+
+class _Sender:
+    """Pipelined writes/holes for one file with a bound on outstanding requests."""
+
+    def __init__(
+        self, rpc: Rpc, gfid: bytes, fd: int, stats: TransferStats, max_write: int, timeout: float
+    ) -> None:
+        self.rpc = rpc
+        self.gfid = gfid
+        self.fd = fd
+        self.stats = stats
+        self.max_write = max_write
+        self.timeout = timeout
+        self.pending: deque[concurrent.futures.Future] = deque()
+        # Coalescing runs [start, end) of blocks still to write / to punch.
+        self.w_start = self.w_end = 0
+        self.h_start = self.h_end = 0
+
+    def _submit(self, method: str, args: dict, payload: bytes | None) -> None:
+        while len(self.pending) >= MAX_OUTSTANDING:
+            self.pending.popleft().result(self.timeout)
+        self.pending.append(self.rpc(method, args, payload))
+
+    def send_range(self, offset: int, length: int) -> None:
+        """Read ``[offset, offset+length)`` and send it as data_writes of <= max_write bytes."""
+        end = offset + length
+        while offset < end:
+            data = os.pread(self.fd, min(self.max_write, end - offset), offset)
+            if not data:
+                return  # the file shrank: caught by the FileChanged check
+            self._submit("data_write", {"gfid": self.gfid, "offset": offset}, data)
+            self.stats.writes += 1
+            self.stats.bytes_sent += len(data)
+            offset += len(data)
+
+    def write_block(self, offset: int, length: int) -> None:
+        """Queue one changed block, coalescing with the previous one; flush every max_write."""
+        if self.w_end != offset:
+            self.flush_write()
+            self.w_start = offset
+        self.w_end = offset + length
+        if self.w_end - self.w_start >= self.max_write:
+            n = (self.w_end - self.w_start) // self.max_write * self.max_write
+            self.send_range(self.w_start, n)
+            self.w_start += n
+
+    def flush_write(self) -> None:
+        if self.w_end > self.w_start:
+            self.send_range(self.w_start, self.w_end - self.w_start)
+        self.w_start = self.w_end = 0
+
+    def hole_block(self, offset: int, length: int) -> None:
+        """Queue one block to punch, coalescing adjacent ones into one data_hole."""
+        if self.h_end != offset:
+            self.flush_hole()
+            self.h_start = offset
+        self.h_end = offset + length
+
+    def flush_hole(self) -> None:
+        if self.h_end > self.h_start:
+            args = {"gfid": self.gfid, "offset": self.h_start, "length": self.h_end - self.h_start}
+            self._submit("data_hole", args, None)
+            self.stats.holes_punched += 1
+        self.h_start = self.h_end = 0
+
+    def drain(self) -> None:
+        """Wait for every outstanding reply; raise the first error."""
+        first: BaseException | None = None
+        while self.pending:
+            fut = self.pending.popleft()
+            try:
+                fut.result(self.timeout)
+            except BaseException as e:  # collected, re-raised below
+                if first is None:
+                    first = e
+        if first is not None:
+            raise first
+
+
+def _in_hole(extents: list[tuple[int, int]], ei: int, start: int, end: int) -> tuple[bool, int]:
+    """Whether ``[start, end)`` intersects no data extent; returns (answer, advanced index)."""
+    while ei < len(extents) and extents[ei][1] <= start:
+        ei += 1
+    return (ei >= len(extents) or extents[ei][0] >= end), ei
+
+
+def push_file(
+    rpc: Rpc,
+    gfid: bytes,
+    fd: int,
+    *,
+    meta: dict,
+    remote_size: int | None,
+    stats: TransferStats,
+    block: int = DEFAULT_BLOCK,
+    window: int = 64 << 20,
+    max_write: int = 1 << 20,
+    timeout: float = 300,
+) -> None:
+    """Make the secondary file ``gfid`` equal to the primary file open on ``fd``, then finish it.
+
+    ``remote_size`` None or 0 (new or empty on the secondary): the data extents are sent as is,
+    holes are skipped (``data_finish`` extends the file, so they stay holes). Otherwise the file
+    is compared block by block in windows of ``window`` bytes, the next window's remote
+    signatures being requested before the current one is hashed locally, so both sides hash
+    concurrently; only differing blocks are written, and blocks that are holes on the primary
+    but hold data on the secondary are punched. A primary file modified meanwhile raises
+    :class:`FileChanged` and ``data_finish`` (which stamps size, owner, mode and times) is not
+    sent. Errors from the secondary are raised (the first one) after all replies are in.
+    """
+    if block <= 0 or max_write <= 0:
+        raise ValueError("block and max_write must be positive")
+    st0 = os.fstat(fd)
+    size = st0.st_size
+    sender = _Sender(rpc, gfid, fd, stats, max_write, timeout)
+    if not remote_size:
+        for off, length in data_extents(fd, size):
+            sender.send_range(off, length)
+    else:
+        _delta(rpc, sender, gfid, fd, size, stats, block, window, timeout)
+    sender.flush_write()
+    sender.flush_hole()
+    # Every write must have succeeded before data_finish stamps the times; on an early error
+    # (raised above) the requests still in flight are simply abandoned, not waited for.
+    sender.drain()
+    st1 = os.fstat(fd)
+    if (st1.st_size, st1.st_mtime_ns, st1.st_ctime_ns) != (
+        st0.st_size,
+        st0.st_mtime_ns,
+        st0.st_ctime_ns,
+    ):
+        raise FileChanged(f"file changed while being sent (size {st0.st_size} -> {st1.st_size})")
+    rpc("data_finish", {"gfid": gfid, "size": size, "meta": meta}, None).result(timeout)
+    stats.files += 1
+
+
+def _delta(
+    rpc: Rpc,
+    sender: _Sender,
+    gfid: bytes,
+    fd: int,
+    size: int,
+    stats: TransferStats,
+    block: int,
+    window: int,
+    timeout: float,
+) -> None:
+    """Block-signature comparison of ``[0, size)`` against the secondary, window by window."""
+    window = max(block, min(window, block * MAX_SIGS_PER_REQUEST) // block * block)
+
+    def request(off: int) -> concurrent.futures.Future | None:
+        # Asked even past ``remote_size``: the crawler's idea of the secondary's size may be
+        # stale, and a longer secondary must not keep old data where the primary has holes.
+        if off >= size:
+            return None
+        length = min(window, size - off)
+        args = {"gfid": gfid, "offset": off, "length": length, "block": block}
+        return rpc("data_sigs", args, None)
+
+    nxt = request(0)
+    off = 0
+    while off < size:
+        cur = nxt
+        nxt = request(off + window)  # pipelined: the secondary hashes it while we hash this one
+        wend = min(off + window, size)
+        assert cur is not None
+        reply = cur.result(timeout)
+        remote_sigs = bytes(reply["sigs"])
+        r_size = int(reply["size"])
+        stats.sig_bytes += len(remote_sigs)
+        n_remote = len(remote_sigs) // SIG_SIZE
+        extents = [(s, s + n) for s, n in data_extents(fd, wend, start=off)]
+        # Hash locally only where the secondary has something to compare with.
+        local_sigs = block_sigs(fd, off, min(wend - off, n_remote * block), block)
+        ei = 0
+        for i, b_off in enumerate(range(off, wend, block)):
+            b_len = min(block, wend - b_off)
+            hole, ei = _in_hole(extents, ei, b_off, b_off + b_len)
+            rsig = remote_sigs[i * SIG_SIZE : (i + 1) * SIG_SIZE] if i < n_remote else None
+            if hole:
+                if rsig is None:
+                    continue  # past the secondary's end: data_finish's truncate makes the hole
+                if rsig == zero_sig(min(b_len, r_size - b_off)):
+                    stats.bytes_matched += b_len
+                else:
+                    sender.hole_block(b_off, b_len)
+                continue
+            lsig = local_sigs[i * SIG_SIZE : (i + 1) * SIG_SIZE]
+            if rsig is not None and lsig == rsig:
+                stats.bytes_matched += b_len
+            else:
+                sender.write_block(b_off, b_len)
+        off += window

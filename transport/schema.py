@@ -1,0 +1,262 @@
+"""One declarative schema per method, checked on receipt on both the in-process and wire paths.
+
+A request that breaks its schema is answered with a :class:`SchemaError` reply (the
+connection stays up). An ``ops`` batch is checked as a whole before anything is applied:
+one bad op rejects the entire request, naming the index of the first bad op, so a batch is
+never half-applied because of a malformed item.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+from .errors import SchemaError
+
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
+UINT32_MAX = 2**32 - 1
+GFID_LEN = 16
+NAME_MAX = 255
+PATH_MAX = 4095
+XATTR_VALUE_MAX = 64 << 10
+INLINE_DATA_MAX = 1 << 20
+MAX_OPS = 100_000
+ENTRY_TYPES = frozenset("fdlpcbs")
+
+Check = Callable[[Any], str | None]
+"""A field check returns None when the value is valid, else a short reason."""
+
+
+def _is_int(v: Any) -> bool:
+    return type(v) is int  # bool is an int subclass and is never a valid count
+
+
+def int_range(lo: int, hi: int) -> Check:
+    """Check an int within ``[lo, hi]``."""
+    def check(v: Any) -> str | None:
+        if not _is_int(v):
+            return f"must be an int, not {type(v).__name__}"
+        if not lo <= v <= hi:
+            return f"must be in {lo}..{hi}"
+        return None
+    return check
+
+
+def bytes_len(lo: int, hi: int, *, no_nul: bool = False) -> Check:
+    """Check bytes of length ``lo..hi`` (optionally without NUL)."""
+    def check(v: Any) -> str | None:
+        if type(v) is not bytes:
+            return f"must be bytes, not {type(v).__name__}"
+        if not lo <= len(v) <= hi:
+            return f"must be {lo}..{hi} bytes long, not {len(v)}"
+        if no_nul and b"\0" in v:
+            return "must not contain NUL"
+        return None
+    return check
+
+
+def str_len(lo: int, hi: int) -> Check:
+    """Check a str of length ``lo..hi``."""
+    def check(v: Any) -> str | None:
+        if type(v) is not str:
+            return f"must be a str, not {type(v).__name__}"
+        if not lo <= len(v) <= hi:
+            return f"must be {lo}..{hi} characters long"
+        return None
+    return check
+
+
+uint63 = int_range(0, INT64_MAX)
+positive = int_range(1, INT64_MAX)
+int64 = int_range(INT64_MIN, INT64_MAX)
+gfid = bytes_len(GFID_LEN, GFID_LEN)
+target = bytes_len(1, PATH_MAX, no_nul=True)
+inline_data = bytes_len(0, INLINE_DATA_MAX)
+
+
+def name(v: Any) -> str | None:
+    """A single path component: bytes 1..255, no ``/`` or NUL, not ``.`` or ``..``."""
+    if type(v) is not bytes:
+        return f"must be bytes, not {type(v).__name__}"
+    if not 1 <= len(v) <= NAME_MAX:
+        return f"must be 1..{NAME_MAX} bytes long, not {len(v)}"
+    if b"/" in v or b"\0" in v:
+        return "must not contain '/' or NUL"
+    if v in (b".", b".."):
+        return "must not be '.' or '..'"
+    return None
+
+
+def entry_type(v: Any) -> str | None:
+    """One of the wire entry types ``f d l p c b s``."""
+    if type(v) is not str or v not in ENTRY_TYPES:
+        return f"must be one of {''.join(sorted(ENTRY_TYPES))!r}, not {v!r:.40}"
+    return None
+
+
+_xattr_name = bytes_len(1, NAME_MAX, no_nul=True)
+_xattr_value = bytes_len(0, XATTR_VALUE_MAX)
+
+
+def xattrs(v: Any) -> str | None:
+    """A map of xattr name (bytes 1..255, no NUL) to value (bytes up to 64 KiB)."""
+    if type(v) is not dict:
+        return f"must be a map, not {type(v).__name__}"
+    for key, value in v.items():
+        why = _xattr_name(key)
+        if why:
+            return f"xattr name {key!r:.60} {why}"
+        why = _xattr_value(value)
+        if why:
+            return f"xattr {key!r:.60} value {why}"
+    return None
+
+
+META_FIELDS: dict[str, Check] = {
+    "mode": int_range(0, 0o7777),
+    "uid": int_range(0, UINT32_MAX),
+    "gid": int_range(0, UINT32_MAX),
+    "atime": int64,
+    "mtime": int64,
+    "xattrs": xattrs,
+}
+
+
+def meta(v: Any) -> str | None:
+    """Metadata to apply: any subset of mode, uid, gid, atime, mtime (ns), xattrs."""
+    if type(v) is not dict:
+        return f"must be a map, not {type(v).__name__}"
+    return _fields(v, {}, META_FIELDS)
+
+
+class Shape:
+    """Named fields of a map: required and optional checks; anything else is rejected."""
+
+    def __init__(self, required: Mapping[str, Check],
+                 optional: Mapping[str, Check] | None = None,
+                 extra: Callable[[dict[str, Any]], str | None] | None = None) -> None:
+        self.required = dict(required)
+        self.optional = dict(optional or {})
+        self.extra = extra
+
+    def check(self, value: dict[Any, Any]) -> str | None:
+        """Return None when ``value`` fits, else a one-line reason."""
+        why = _fields(value, self.required, self.optional)
+        if why is None and self.extra is not None:
+            why = self.extra(value)
+        return why
+
+
+def _fields(value: dict[Any, Any], required: Mapping[str, Check],
+            optional: Mapping[str, Check]) -> str | None:
+    for key in value:
+        if key not in required and key not in optional:
+            return f"unknown field {key!r:.60}"
+    for key in required:
+        if key not in value:
+            return f"missing field {key!r}"
+    for key, v in value.items():
+        check = required.get(key) or optional[key]
+        why = check(v)
+        if why:
+            return f"field {key!r}: {why}"
+    return None
+
+
+def _ensure_extra(op: dict[str, Any]) -> str | None:
+    # The fields that only make sense for one type must come with it, so the applier can
+    # create the object from the op alone.
+    t = op["type"]
+    if ("target" in op) != (t == "l"):
+        return "'target' is required for a symlink and only allowed for one"
+    if ("rdev" in op) != (t in ("c", "b")):
+        return "'rdev' is required for a device and only allowed for one"
+    if "data" in op and t != "f":
+        return "'data' is only allowed for a regular file"
+    return None
+
+
+OPS: dict[str, Shape] = {
+    "ensure": Shape(
+        {"op": str_len(1, 16), "pgfid": gfid, "name": name, "gfid": gfid, "type": entry_type},
+        {"meta": meta, "target": target, "rdev": uint63, "data": inline_data},
+        extra=_ensure_extra),
+    "delete": Shape({"op": str_len(1, 16), "pgfid": gfid, "name": name, "gfid": gfid}),
+    "rename": Shape({"op": str_len(1, 16), "gfid": gfid, "pgfid": gfid, "name": name,
+                     "npgfid": gfid, "nname": name, "type": entry_type}),
+    "meta": Shape({"op": str_len(1, 16), "gfid": gfid, "meta": meta}),
+}
+
+
+def check_op(op: Any) -> str | None:
+    """Return None when ``op`` is a valid entry/meta op map, else a one-line reason."""
+    if type(op) is not dict:
+        return f"must be a map, not {type(op).__name__}"
+    kind = op.get("op")
+    shape = OPS.get(kind) if type(kind) is str else None
+    if shape is None:
+        return f"unknown op {kind!r:.40}"
+    why = shape.check(op)
+    return f"{kind}: {why}" if why else None
+
+
+def ops_list(v: Any) -> str | None:
+    """A batch of up to 100,000 ops; the first bad op fails the whole batch."""
+    if type(v) is not list:
+        return f"must be a list, not {type(v).__name__}"
+    if len(v) > MAX_OPS:
+        return f"holds {len(v)} ops, more than {MAX_OPS}"
+    for index, op in enumerate(v):
+        why = check_op(op)
+        if why:
+            return f"op {index}: {why}"
+    return None
+
+
+def gfid_list(v: Any) -> str | None:
+    """Up to 100,000 gfids."""
+    if type(v) is not list:
+        return f"must be a list, not {type(v).__name__}"
+    if len(v) > MAX_OPS:
+        return f"holds {len(v)} gfids, more than {MAX_OPS}"
+    for index, g in enumerate(v):
+        why = gfid(g)
+        if why:
+            return f"item {index}: {why}"
+    return None
+
+
+METHODS: dict[str, Shape] = {
+    "hello": Shape({"version": str_len(0, 256), "protocol": uint63}),
+    "ops": Shape({"ops": ops_list}),
+    "list_dir": Shape({"gfid": gfid}),
+    "stat_gfid": Shape({"gfid": gfid}),
+    "lookup": Shape({"gfids": gfid_list}),
+    "data_sigs": Shape({"gfid": gfid, "offset": uint63, "length": uint63, "block": positive}),
+    "data_write": Shape({"gfid": gfid, "offset": uint63}),
+    "data_hole": Shape({"gfid": gfid, "offset": uint63, "length": uint63}),
+    "data_finish": Shape({"gfid": gfid, "size": uint63, "meta": meta}),
+    "end_crawl": Shape({}),
+    "commit": Shape({}),
+    "ping": Shape({}),
+}
+
+#: Methods whose request may carry a raw payload (file data).
+PAYLOAD_METHODS = frozenset({"data_write"})
+
+
+def validate_request(method: str, args: Any, payload: Any = None) -> None:
+    """Raise SchemaError (one line) unless ``method(**args)`` fits the method's schema.
+
+    ``payload`` is only allowed for the methods in :data:`PAYLOAD_METHODS`.
+    """
+    shape = METHODS.get(method) if type(method) is str else None
+    if shape is None:
+        raise SchemaError(f"unknown method {method!r:.60}")
+    if type(args) is not dict:
+        raise SchemaError(f"{method}: arguments must be a map, not {type(args).__name__}")
+    why = shape.check(args)
+    if why:
+        raise SchemaError(f"{method}: {why}")
+    if payload is not None and method not in PAYLOAD_METHODS:
+        raise SchemaError(f"{method}: takes no payload")
