@@ -46,10 +46,17 @@ class Batcher(pykka.ThreadingActor):
         self._jobs: list[tuple[DataJob, int | None]] = []
         self._bytes = 0
         self._sent: list[Future[Any]] = []
+        self._listings: list[tuple[bytes, Future[Any]]] = []
 
-    def add(self, ops: list[dict[str, Any]], paths: list[bytes], jobs: list[DataJob]) -> None:
-        """Queue ops (with the path of each, for reports) and the data jobs that follow them."""
+    def add(self, ops: list[dict[str, Any]], paths: list[bytes], jobs: list[DataJob],
+            listings: list[tuple[bytes, Future[Any]]] | None = None) -> None:
+        """Queue ops (with the path of each, for reports) and the data jobs that follow them.
+
+        ``listings`` are directories to list *after* these ops are applied (adopted
+        directories are known by their gfid only then); each future gets the reply.
+        """
         try:
+            self._listings.extend(listings or ())
             base = len(self._ops)
             self._ops.extend(ops)
             self._paths.extend(paths)
@@ -67,10 +74,11 @@ class Batcher(pykka.ThreadingActor):
 
     def flush(self) -> None:
         """Send what is queued now."""
-        if not self._ops and not self._jobs:
+        if not self._ops and not self._jobs and not self._listings:
             return
-        ops, paths, jobs = self._ops, self._paths, self._jobs
+        ops, paths, jobs, listings = self._ops, self._paths, self._jobs, self._listings
         self._ops, self._paths, self._jobs, self._bytes = [], [], [], 0
+        self._listings = []
         fut: Future[Any] | None = None
         if ops:
             fut = self.channel.call_async("ops", {"ops": ops})
@@ -78,6 +86,8 @@ class Batcher(pykka.ThreadingActor):
             self._sent.append(fut)
             self._sent = [f for f in self._sent if not f.done()]
             self.ledger.count("batches")
+        for gfid, waiter in listings:
+            _chain(self.channel.call_async("list_dir", {"gfid": gfid, "ordered": True}), waiter)
         for job, idx in jobs:
             ref = (fut, idx) if idx is not None and fut is not None else None
             assert self._rr is not None
@@ -117,3 +127,16 @@ class Batcher(pykka.ThreadingActor):
         self._sent.clear()
         for s in self.syncers:
             s.barrier().get(timeout=timeout)
+
+
+def _chain(source: Future[Any], target: Future[Any]) -> None:
+    """Complete ``target`` with ``source``'s outcome (runs in the channel's reader thread)."""
+
+    def done(f: Future[Any]) -> None:
+        exc = f.exception()
+        if exc is not None:
+            target.set_exception(exc)
+        else:
+            target.set_result(f.result())
+
+    source.add_done_callback(done)

@@ -54,6 +54,8 @@ class _Todo:
     #: Secondary listing: a future, or None when the directory is known to be new (empty).
     listing: Future[Any] | None
     needs_listing: bool
+    #: The listing comes through the Batcher, after the ops that precede it.
+    ordered: bool = False
 
 
 class Crawler(pykka.ThreadingActor):
@@ -113,6 +115,8 @@ class Crawler(pykka.ThreadingActor):
             return []
         self._request_listing(todo)
         assert todo.listing is not None
+        if todo.ordered and not todo.listing.done():
+            self.batcher.flush.defer()  # it waits behind ops still in the Batcher
         try:
             reply = todo.listing.result(timeout=self.timeout)
         except NotFound:
@@ -142,20 +146,35 @@ class Crawler(pykka.ThreadingActor):
         if dir_meta_needed(d, sub.remote, plan):
             ops.append({"op": "meta", "gfid": d.gfid, "meta": d.meta()})
             paths.append(sub.relpath or b".")
-        self.credits.acquire()
-        self.batcher.add.defer(ops, paths, plan.data)
-        self._push_subdirs(plan)
+        todos, listings = self._subdir_todos(plan)
+        if not self.credits.acquire(timeout=self.timeout):
+            raise TimeoutError("the Batcher has not taken ops for too long")
+        self.batcher.add.defer(ops, paths, plan.data, listings)
+        self.stack.extend(reversed(todos))
 
-    def _push_subdirs(self, plan: Plan) -> None:
-        new = [s for s in plan.subdirs if s.remote is None]
+    def _subdir_todos(self, plan: Plan) -> tuple[list[_Todo], list[tuple[bytes, Future[Any]]]]:
+        """What to crawl next, and which listings must follow this directory's ops.
+
+        In place: listed out of band.  Known elsewhere on the secondary (a rename into
+        place): listed out of band too, by gfid, wherever it is now.  Adopted: listed in
+        order, after the ensure that gives it its gfid.  Otherwise it is created empty.
+        """
+        new = [s for s in plan.subdirs if s.remote is None and not s.adopt]
         known: set[bytes] = set()
         if new:
             found = self.channel.call("lookup", {"gfids": [s.entry.gfid for s in new]},
                                       timeout=self.timeout)
             known = {s.entry.gfid for s, t in zip(new, found, strict=True) if t is not None}
-        for s in reversed(plan.subdirs):
-            needs = s.remote is not None or s.entry.gfid in known
-            self.stack.append(_Todo(s, None, needs))
+        todos: list[_Todo] = []
+        listings: list[tuple[bytes, Future[Any]]] = []
+        for s in plan.subdirs:
+            if s.adopt:
+                fut: Future[Any] = Future()
+                listings.append((s.entry.gfid, fut))
+                todos.append(_Todo(s, fut, True, ordered=True))
+            else:
+                todos.append(_Todo(s, None, s.remote is not None or s.entry.gfid in known))
+        return todos, listings
 
     def _read_inline(self, dir_fd: int, relpath: bytes, plan: Plan) -> None:
         """Attach the content of small files to their ensure ops (dropping vanished ones)."""

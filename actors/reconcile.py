@@ -52,6 +52,9 @@ class DataJob:
     remote_size: int | None
     #: Index of this file's ``ensure`` in the plan's ops, if the plan has one.
     ensure_index: int | None = None
+    #: Push only if the ensure *created* the file (an adoption expected to find the data
+    #: in place may be refused by the applier, which then creates an empty file).
+    if_created: bool = False
 
 
 @dataclass(slots=True)
@@ -62,6 +65,9 @@ class SubDir:
     relpath: bytes
     #: Its row in this directory's secondary listing when it is already in place.
     remote: Remote | None
+    #: A same-named directory without gfid is there (pre-seeded): it is adopted, and its
+    #: listing must wait until the adopting ensure has been applied.
+    adopt: bool = False
 
 
 @dataclass(slots=True)
@@ -144,7 +150,8 @@ def plan_dir(pgfid: bytes, relpath: bytes, primary: Iterable[Entry],
             if not in_place:
                 plan.ops.append(ensure_op(pgfid, e))
                 plan.entry_ops += 1
-            plan.subdirs.append(SubDir(e, path, r if in_place else None))
+            adopt = not in_place and r is not None and r.gfid is None and r.type == e.type
+            plan.subdirs.append(SubDir(e, path, r if in_place else None, adopt))
             continue
         first = e.nlink <= 1 or seen.first_time(e.gfid)
         if in_place:
@@ -161,11 +168,19 @@ def plan_dir(pgfid: bytes, relpath: bytes, primary: Iterable[Entry],
                 metas.append({"op": "meta", "gfid": e.gfid, "meta": e.meta()})
             continue
         op = ensure_op(pgfid, e)
+        # A same-type object without gfid (a pre-seeded copy) is adopted in place; its
+        # data moves only where it differs.
+        adopt = r is not None and r.gfid is None and r.type == e.type
         if e.type == T_FILE and first:
-            if e.size <= inline_max:
+            if adopt and r is not None and r.size == e.size and r.mtime_ns == e.mtime_ns:
+                # Same size and mtime (rsync's quick check): adopted, then meta only.
+                if e.size:
+                    plan.data.append(DataJob(e, path, r.size, len(plan.ops), if_created=True))
+            elif e.size <= inline_max:
                 plan.want_data.append(len(plan.ops))
             else:
-                plan.data.append(DataJob(e, path, None, len(plan.ops)))
+                plan.data.append(DataJob(e, path, r.size if adopt and r is not None else None,
+                                         len(plan.ops)))
         elif e.type == T_FILE:
             op.pop("meta")  # another name of a file already handled: link only
         plan.ops.append(op)

@@ -12,15 +12,22 @@ Reads requests from stdin and hands them to two actors:
 
 stdout carries frames only; everything else goes to stderr, which the primary relays
 as ``remote:`` log lines.  A bounded number of requests may be queued in the actors.
+
+At ``hello`` the host takes the root's session lock (fsops.session_lock) and keeps it
+until it exits.  It exits on its own after ``--timeout`` seconds without a request (the
+primary pings when idle).  Started as ``secondary --restrict-root PATH`` (an ssh forced
+command) it serves only PATH, whatever root the client asks for.  See docs/ssh.md.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shlex
 import socket
 import sys
 import threading
+import time
 from collections import OrderedDict
 from typing import Any
 
@@ -30,10 +37,13 @@ from fsops import blocks
 from fsops.secondary import NotFound as FsNotFound
 from fsops.secondary import SecondaryError as FsError
 from fsops.secondary import SecondaryFS
+from fsops.session_lock import Locked, LockInfo, SessionLock
 from transport import (
     PROTOCOL,
     VERSION,
+    ConnectionLost,
     HandshakeError,
+    LockedError,
     NotFound,
     ProtocolError,
     Request,
@@ -52,6 +62,11 @@ MAX_OPEN_DATA = 32
 _READ_ONLY = frozenset({"list_dir", "lookup", "stat_gfid", "ping"})
 
 
+def _out_of_band(req: Request) -> bool:
+    """Read-only requests skip the queue, unless they asked to wait their turn."""
+    return req.method in _READ_ONLY and not req.args.get("ordered")
+
+
 def _translate(exc: BaseException) -> BaseException:
     if isinstance(exc, FsNotFound):
         return NotFound(str(exc))
@@ -60,10 +75,48 @@ def _translate(exc: BaseException) -> BaseException:
     return exc
 
 
+class _Gate:
+    """Bounds the requests queued in the actors and tells how long the host was idle.
+
+    Idle means no request read and none being handled: the primary pings every 30 s
+    when it has nothing else to send, so a longer silence means it is gone or stuck.
+    """
+
+    def __init__(self, limit: int) -> None:
+        self._slots = threading.Semaphore(limit)
+        self._lock = threading.Lock()
+        self._busy = 0
+        self._last = time.monotonic()
+
+    def acquire(self) -> None:
+        """Take a slot for a request just read (waits while ``limit`` are queued)."""
+        with self._lock:
+            self._busy += 1
+            self._last = time.monotonic()
+        self._slots.acquire()
+
+    def release(self) -> None:
+        """The request was answered."""
+        with self._lock:
+            self._busy -= 1
+            self._last = time.monotonic()
+        self._slots.release()
+
+    def touch(self) -> None:
+        """A request arrived (or the handshake is in progress)."""
+        with self._lock:
+            self._last = time.monotonic()
+
+    def idle_for(self) -> float:
+        """Seconds without any request read or in progress."""
+        with self._lock:
+            return 0.0 if self._busy else time.monotonic() - self._last
+
+
 class _Worker(pykka.ThreadingActor):
     """Common part: run a request, send its reply from this actor's thread."""
 
-    def __init__(self, conn: ServerConnection, slots: threading.Semaphore) -> None:
+    def __init__(self, conn: ServerConnection, slots: _Gate) -> None:
         super().__init__()
         self.conn = conn
         self.slots = slots
@@ -72,13 +125,18 @@ class _Worker(pykka.ThreadingActor):
     def handle(self, req: Request) -> None:
         """Run one request and reply; a failure is a reply, never the actor's death."""
         try:
-            result = getattr(self, "do_" + req.method)(req.args, req.payload)
-        except Exception as exc:
-            if not isinstance(exc, OSError | FsError):
-                log.exception("%s failed", req.method)
-            self.conn.send_reply(req.id, error=_translate(exc))
-        else:
-            self.conn.send_reply(req.id, result)
+            try:
+                result = getattr(self, "do_" + req.method)(req.args, req.payload)
+            except Exception as exc:
+                if not isinstance(exc, OSError | FsError):
+                    log.exception("%s failed", req.method)
+                self.conn.send_reply(req.id, error=_translate(exc))
+            else:
+                self.conn.send_reply(req.id, result)
+        except ConnectionLost as exc:
+            # Nobody can read our replies any more: what is applied is on disk and every
+            # op is idempotent, so end now and free the session lock for a reconnect.
+            _die(f"georep secondary: primary went away: {exc}", 2)
         finally:
             self.handled += 1
             self.slots.release()
@@ -87,8 +145,7 @@ class _Worker(pykka.ThreadingActor):
 class EntryApplier(_Worker):
     """Applies entry, meta and data requests in arrival order."""
 
-    def __init__(self, conn: ServerConnection, slots: threading.Semaphore,
-                 fs: SecondaryFS) -> None:
+    def __init__(self, conn: ServerConnection, slots: _Gate, fs: SecondaryFS) -> None:
         super().__init__(conn, slots)
         self.fs = fs
         self._open: OrderedDict[bytes, int] = OrderedDict()
@@ -138,12 +195,15 @@ class EntryApplier(_Worker):
     def do_commit(self, _a: dict[str, Any], _p: bytes | None) -> None:
         self.fs.commit()
 
+    def do_list_dir(self, a: dict[str, Any], _p: bytes | None) -> dict[str, Any]:
+        # An ordered listing: it sees every op sent before it.
+        return {"entries": self.fs.list_dir(a["gfid"])}
+
 
 class Lister(_Worker):
     """Answers read-only questions without waiting behind queued writes."""
 
-    def __init__(self, conn: ServerConnection, slots: threading.Semaphore,
-                 fs: SecondaryFS) -> None:
+    def __init__(self, conn: ServerConnection, slots: _Gate, fs: SecondaryFS) -> None:
         super().__init__(conn, slots)
         self.fs = fs
 
@@ -160,12 +220,120 @@ class Lister(_Worker):
         return None
 
 
-def run_host(root: str) -> int:
-    """Serve one primary on stdio until it hangs up; returns the exit status."""
+def _die(line: str, status: int) -> None:
+    # The reader thread is blocked in read(2) on stdin and cannot be woken: end the
+    # process.  Everything applied is on disk; the kernel releases the session lock.
+    print(line, file=sys.stderr, flush=True)
+    os._exit(status)
+
+
+def _watchdog(gate: _Gate, timeout: float) -> None:
+    def loop() -> None:
+        while True:
+            time.sleep(min(1.0, timeout / 4))
+            if gate.idle_for() > timeout:
+                _die(f"georep secondary: no request from the primary for {timeout:g} s; "
+                     "exiting", 2)
+
+    threading.Thread(target=loop, name="idle-watchdog", daemon=True).start()
+
+
+def restricted_root(restrict_root: str, root: str | None,
+                    original_command: str | None) -> tuple[str | None, str | None]:
+    """Decide what a host started as ``secondary --restrict-root R`` may serve.
+
+    Returns ``(root, refusal)``.  sshd puts the command the client asked for in
+    SSH_ORIGINAL_COMMAND when a forced command runs instead; it must be a
+    ``... secondary --root PATH`` command whose PATH resolves to R.  ``root`` is None
+    when the client did not ask for a georep secondary at all (``ssh host id``).
+    """
+    allowed = os.path.realpath(restrict_root)
+    requested = root
+    if original_command is not None:
+        try:
+            words = shlex.split(original_command)
+        except ValueError:
+            words = []
+        rest = words[words.index("secondary") + 1:] if "secondary" in words else None
+        if rest is not None and len(rest) == 2 and rest[0] == "--root":
+            requested = rest[1]
+        elif rest is not None and len(rest) == 1 and rest[0].startswith("--root="):
+            requested = rest[0].split("=", 1)[1]
+        else:
+            return None, (f"this ssh key may only run 'georep-node secondary --root "
+                          f"{restrict_root}'; refused {original_command[:200]!r}")
+    if requested is None or os.path.realpath(requested) == allowed:
+        return restrict_root, None
+    return requested, (f"this ssh key is restricted to secondary root {restrict_root}; "
+                       f"refused root {requested}")
+
+
+def _open_fs(root: str) -> tuple[SecondaryFS, SecondaryFS]:
+    # Create the root itself, never its parents: a missing parent is more likely a typo
+    # or an unmounted disk than a place where a replica should appear.
+    if not os.path.lexists(root):
+        try:
+            os.mkdir(root, 0o755)
+        except FileNotFoundError:
+            raise FsError(f"secondary root {root} does not exist, nor does its parent "
+                          f"directory {os.path.dirname(os.path.abspath(root))}")
+        except FileExistsError:
+            pass
+        except OSError as e:
+            raise FsError(f"cannot create secondary root {root}: {e.strerror}")
+    fs = SecondaryFS(os.fsencode(root))
+    try:
+        return fs, SecondaryFS(os.fsencode(root))
+    except BaseException:
+        fs.close()
+        raise
+
+
+def _take_lock(fs: SecondaryFS, root: str, hello: dict[str, Any],
+               timeout: float) -> SessionLock:
+    now = time.time()
+    info = LockInfo(session=hello.get("session") or f"anonymous-{os.getpid()}",
+                    host=hello.get("host", ""), primary=hello.get("primary", ""),
+                    pid=os.getpid(), since=now, heartbeat=now)
+    lock = SessionLock(fs.root_fd, root, info)
+    try:
+        old = lock.acquire(force=bool(hello.get("force")), stale_after=timeout)
+    except BaseException:
+        lock.release()
+        raise
+    if old is not None:
+        log.warning("took over the lock of %s from %s", root, old.describe())
+
+    def lost(owner: LockInfo | None) -> None:
+        who = owner.describe() if owner else "another process"
+        _die(f"georep secondary: the lock on {root} was taken over by {who}; exiting", 3)
+
+    lock.start_heartbeat(min(30.0, timeout / 4), lost)
+    return lock
+
+
+def run_host(root: str | None, *, timeout: float = 120.0,
+             restrict_root: str | None = None) -> int:
+    """Serve one primary on stdio until it hangs up; returns the exit status.
+
+    ``timeout``: exit after that many seconds without a request.  ``restrict_root``:
+    serve only that root, whatever root the client asked for (see :func:`restricted_root`).
+    """
+    refusal = None
+    if restrict_root is not None:
+        root, refusal = restricted_root(restrict_root, root,
+                                        os.environ.get("SSH_ORIGINAL_COMMAND"))
+        if root is None:
+            print(f"georep secondary: {refusal}", file=sys.stderr)
+            return 2
+    if root is None:
+        print("georep secondary: --root is required", file=sys.stderr)
+        return 2
     reader, writer = claim_stdio()
     conn = ServerConnection(reader, writer)
     conn.announce()
-    slots = threading.Semaphore(MAX_QUEUED)
+    gate = _Gate(MAX_QUEUED)
+    _watchdog(gate, timeout)
     try:
         first = conn.read_request()
         if first is None:
@@ -173,32 +341,48 @@ def run_host(root: str) -> int:
         if first.method != "hello":
             conn.send_reply(first.id, error=HandshakeError("the first request must be hello"))
             return 2
+        if refusal is not None:
+            print(f"georep secondary: {refusal}", file=sys.stderr)
+            conn.send_reply(first.id, error=SecondaryError(refusal))
+            return 2
         try:
-            fs = SecondaryFS(os.fsencode(root), create=True)
-            lister_fs = SecondaryFS(os.fsencode(root))
+            fs, lister_fs = _open_fs(root)
         except (FsError, OSError) as e:
-            msg = str(e) if isinstance(e, FsError) else f"secondary root {root!r}: {e.strerror}"
+            msg = str(e) if isinstance(e, FsError) else f"secondary root {root}: {e.strerror}"
             conn.send_reply(first.id, error=SecondaryError(msg))
+            return 2
+        try:
+            lock = _take_lock(fs, root, first.args, timeout)
+        except (Locked, OSError) as e:
+            fs.close()
+            lister_fs.close()
+            msg = str(e) if isinstance(e, Locked) else f"cannot lock {root}: {e}"
+            print(f"georep secondary: {msg}", file=sys.stderr)
+            conn.send_reply(first.id, error=LockedError(msg))
             return 2
         conn.send_reply(first.id, {"version": VERSION, "protocol": PROTOCOL,
                                    "root_dev": os.stat(root).st_dev, "pid": os.getpid(),
                                    "host": socket.gethostname()})
-        applier = EntryApplier.start(conn, slots, fs).proxy()
-        lister = Lister.start(conn, slots, lister_fs).proxy()
+        applier = EntryApplier.start(conn, gate, fs).proxy()
+        lister = Lister.start(conn, gate, lister_fs).proxy()
         try:
             while True:
                 req = conn.read_request()
                 if req is None:
                     return 0
-                slots.acquire()
-                (lister if req.method in _READ_ONLY else applier).handle.defer(req)
+                gate.acquire()
+                (lister if _out_of_band(req) else applier).handle.defer(req)
         finally:
             pykka.ActorRegistry.stop_all(block=True, timeout=60)
             fs.close()
             lister_fs.close()
+            lock.release()
     except ProtocolError as e:
         print(f"georep secondary: protocol error: {e}", file=sys.stderr)
         return 2
-    except (ConnectionError, OSError) as e:
+    except pykka.ActorDeadError as e:
+        print(f"georep secondary: stopped: {e}", file=sys.stderr)
+        return 2
+    except (ConnectionError, ConnectionLost, OSError) as e:
         print(f"georep secondary: connection lost: {e}", file=sys.stderr)
         return 2

@@ -58,6 +58,8 @@ class Syncer(pykka.ThreadingActor):
                 return  # the ensure failure is already in the ledger
             if status == "created":
                 remote_size = 0
+            elif job.if_created:
+                return
         if remote_size is None:
             st = self.channel.call("stat_gfid", {"gfid": e.gfid}, timeout=self.timeout)
             if st is None:

@@ -416,7 +416,10 @@ class SecondaryFS:
                 self._keep_index(pfd, pgfid, name, st, gfid, t)
                 self._finish(pfd, name, t, meta, data)
                 return "kept"
-            if cur is None and same and not self._known_elsewhere(gfid, t, st):
+            if cur is None and same and (t == T_DIR or st.st_nlink == 1) \
+                    and not self._known_elsewhere(gfid, t, st):
+                # (A nameless hardlink may be a planted link to a file outside the root:
+                # never adopted, replaced by a private object below.)
                 self._set_gfid(pfd, name, gfid, t)
                 self._keep_index(pfd, pgfid, name, st, gfid, t)
                 self._finish(pfd, name, t, meta, data)
@@ -787,6 +790,14 @@ class SecondaryFS:
         if not stat.S_ISREG(fst.st_mode) or fst.st_ino != st.st_ino:
             os.close(fd)
             raise NotFound(f"file gfid {gfid.hex()} changed while opening")
+        try:
+            own = xattrs.get(fd, GFID_XATTR) == gfid
+        except OSError:
+            own = False
+        if not own:
+            # Not our object (e.g. a hardlink planted in the index): never write through it.
+            os.close(fd)
+            raise NotFound(f"index entry of file gfid {gfid.hex()} is not that file")
         return fd
 
     # -- end of crawl, durability --------------------------------------------------

@@ -21,6 +21,10 @@ PATH_MAX = 4095
 XATTR_VALUE_MAX = 64 << 10
 INLINE_DATA_MAX = 1 << 20
 MAX_OPS = 100_000
+#: Largest data_sigs block (the secondary reads a whole block into memory at once) and most
+#: blocks per data_sigs request (16 bytes of reply each; the primary asks for <= 65,536).
+MAX_BLOCK = 8 << 20
+MAX_SIGS = 1 << 19
 ENTRY_TYPES = frozenset("fdlpcbs")
 
 Check = Callable[[Any], str | None]
@@ -213,6 +217,11 @@ def ops_list(v: Any) -> str | None:
     return None
 
 
+def boolean(v: Any) -> str | None:
+    """A msgpack boolean."""
+    return None if type(v) is bool else f"must be a boolean, not {type(v).__name__}"
+
+
 def gfid_list(v: Any) -> str | None:
     """Up to 100,000 gfids."""
     if type(v) is not list:
@@ -226,13 +235,23 @@ def gfid_list(v: Any) -> str | None:
     return None
 
 
+def _sigs_extra(a: dict[str, Any]) -> str | None:
+    if -(-a["length"] // a["block"]) > MAX_SIGS:
+        return f"asks for more than {MAX_SIGS} block signatures"
+    return None
+
+
 METHODS: dict[str, Shape] = {
-    "hello": Shape({"version": str_len(0, 256), "protocol": uint63}),
+    # The optional fields identify the primary for the secondary's session lock.
+    "hello": Shape({"version": str_len(0, 256), "protocol": uint63},
+                   {"session": str_len(1, 256), "primary": str_len(0, PATH_MAX),
+                    "host": str_len(0, 256), "force": boolean}),
     "ops": Shape({"ops": ops_list}),
-    "list_dir": Shape({"gfid": gfid}),
+    "list_dir": Shape({"gfid": gfid}, {"ordered": boolean}),
     "stat_gfid": Shape({"gfid": gfid}),
     "lookup": Shape({"gfids": gfid_list}),
-    "data_sigs": Shape({"gfid": gfid, "offset": uint63, "length": uint63, "block": positive}),
+    "data_sigs": Shape({"gfid": gfid, "offset": uint63, "length": uint63,
+                        "block": int_range(1, MAX_BLOCK)}, extra=_sigs_extra),
     "data_write": Shape({"gfid": gfid, "offset": uint63}),
     "data_hole": Shape({"gfid": gfid, "offset": uint63, "length": uint63}),
     "data_finish": Shape({"gfid": gfid, "size": uint63, "meta": meta}),

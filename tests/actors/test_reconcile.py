@@ -127,3 +127,11 @@ def test_seen_links_is_bounded() -> None:
         assert seen.first_time(g(i))
     assert not seen.first_time(g(9))
     assert seen.first_time(g(0))  # forgotten: re-checked, never wrong
+
+
+def test_adoption_with_same_data_pushes_only_if_the_applier_creates() -> None:
+    p = [ent(b"a", 1, size=500, mtime=9)]
+    s = [rem(b"a", None, size=500, mtime=9)]
+    plan = plan_dir(P, b"", p, s, SeenLinks())
+    assert kinds(plan) == [("ensure", b"a")] and plan.want_data == []
+    assert [(j.if_created, j.ensure_index) for j in plan.data] == [(True, 0)]

@@ -18,9 +18,13 @@ from tests.support.treegen import apply_changes, make_tree
 
 IS_ROOT = os.geteuid() == 0
 REPO = Path(__file__).resolve().parents[2]
-SMALL = {"entries": 600, "big_sparse": False, "big_files_mib": 1, "big_dir_files": 60}
+SMALL: dict[str, Any] = {
+    "entries": 600,
+    "big_sparse": False,
+    "big_files_mib": 1,
+    "big_dir_files": 60,
+}
 
-needs_root = pytest.mark.skipif(not IS_ROOT, reason="needs root")
 needs_rsync = pytest.mark.skipif(shutil.which("rsync") is None, reason="needs rsync")
 
 

@@ -1,0 +1,104 @@
+"""Edge cases of ``sync --once``: adoption of a pre-seeded secondary, errors, failures."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.e2e.helpers import georep, sync_once
+from tests.support.compare import compare_trees
+from tests.support.treegen import make_tree
+
+pytestmark = pytest.mark.timeout(600)
+
+
+@pytest.fixture
+def small(tmp_path: Path) -> Path:
+    p = tmp_path / "primary"
+    make_tree(p, seed=11, entries=1500, big_sparse=False, big_files_mib=1, big_dir_files=200)
+    return p
+
+
+def test_preseeded_secondary_is_adopted_without_moving_data(small: Path, tmp_path: Path) -> None:
+    sec = tmp_path / "seeded"
+    # A copy made by rsync before georep ever ran: same names and content, no gfids.
+    subprocess.run(["rsync", "-aHAXS", "--numeric-ids", f"{small}/", f"{sec}/"], check=True)
+    for dirpath, dirnames, filenames in os.walk(os.fsencode(sec)):
+        for n in dirnames + filenames:
+            p = os.path.join(dirpath, n)
+            for x in os.listxattr(p, follow_symlinks=False):
+                if ".georep." in x:
+                    os.removexattr(p, x, follow_symlinks=False)
+    ino = os.stat(sec / "large").st_ino
+    out = sync_once(small, sec)
+    assert out["ok"]
+    assert out["counters"]["adopted"] > 1000
+    # Objects without gfid that have several links are not adopted (such a link could
+    # be planted to reach a file outside the root): the tree's two hardlink groups of
+    # the links/ directory are re-created, and only their few KiB move.
+    assert out["counters"].get("created", 0) <= 4
+    assert out["transfer"]["bytes_sent"] <= 16 * 1024
+    assert out["counters"].get("inline_bytes", 0) == 0
+    assert os.stat(sec / "large").st_ino == ino
+    assert compare_trees(small, sec) == []
+
+
+def test_preseeded_copy_with_differences_moves_only_differences(small: Path,
+                                                                tmp_path: Path) -> None:
+    sec = tmp_path / "seeded"
+    subprocess.run(["rsync", "-aHAXS", "--numeric-ids", f"{small}/", f"{sec}/"], check=True)
+    big = next(p for p in (sec / "large").iterdir() if p.stat().st_size >= 1 << 20)
+    with open(big, "r+b") as f:
+        f.seek(100_000)
+        f.write(b"x" * 1000)
+    (sec / "junk-only-on-secondary").write_bytes(b"j")
+    out = sync_once(small, sec)
+    assert out["ok"]
+    assert 0 < out["transfer"]["bytes_sent"] <= 2 * 128 * 1024
+    assert not (sec / "junk-only-on-secondary").exists()
+    assert compare_trees(small, sec) == []
+
+
+def test_missing_primary_is_one_line_error(tmp_path: Path) -> None:
+    proc = georep("sync", tmp_path / "nope", tmp_path / "sec", "--once")
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "does not exist" in lines[0], proc.stderr
+    assert not (tmp_path / "sec").exists() or not any((tmp_path / "sec").iterdir())
+
+
+def test_unwritable_secondary_is_one_line_error(tmp_path: Path, small: Path) -> None:
+    target = tmp_path / "afile"
+    target.write_bytes(b"not a directory")
+    proc = georep("sync", small, target, "--once")
+    assert proc.returncode == 2
+    lines = [ln for ln in proc.stderr.strip().splitlines() if not ln.startswith(" ")]
+    assert lines[-1].startswith("georep-node sync:"), proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.skipif(shutil.which("chattr") is None, reason="chattr (e2fsprogs) not installed")
+def test_item_that_cannot_be_synced_is_listed_and_exit_is_nonzero(small: Path,
+                                                                  tmp_path: Path) -> None:
+    sec = tmp_path / "sec"
+    sync_once(small, sec)
+    (small / "chg" / "chmod_me").write_bytes(b"new content on the primary")
+    victim = sec / "chg" / "chmod_me"
+    subprocess.run(["chattr", "+i", str(victim)], check=True)
+    try:
+        out = sync_once(small, sec, expect=1)
+        assert not out["ok"]
+        assert out["passes"] == 2  # failed items are retried before giving up
+        assert any("chg/chmod_me" in f for f in out["failures"]), out["failures"]
+        proc = georep("sync", small, sec, "--once")
+        assert proc.returncode == 1
+        assert "chg/chmod_me" in proc.stderr.strip().splitlines()[-1]
+    finally:
+        subprocess.run(["chattr", "-i", str(victim)], check=True)
+    out = sync_once(small, sec)
+    assert out["ok"]
+    assert compare_trees(small, sec) == []
