@@ -5,6 +5,8 @@ Subcommands in this version:
 - ``sync PRIMARY SECONDARY --once``: make SECONDARY an exact replica of PRIMARY now.
 - ``secondary --root PATH``: the secondary host, started by the primary over a local
   pipe or ssh; it speaks the protocol on stdio and is not for people.
+- ``ssh-key --root PATH``: print an authorized_keys line that restricts a key to the
+  secondary host of one root (docs/ssh.md).
 """
 
 from __future__ import annotations
@@ -12,6 +14,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import shlex
+import socket
+import subprocess
 import sys
 from collections.abc import Sequence
 
@@ -60,7 +66,8 @@ def cmd_sync(a: argparse.Namespace) -> int:
         return EXIT_ERROR
     opts = SyncOptions(primary=a.primary, secondary=a.secondary, jobs=a.jobs,
                        retries=a.retries, timeout=a.timeout, session=a.session,
-                       ssh_command=a.ssh_command, remote_command=a.remote_command)
+                       ssh_command=a.ssh_command, remote_command=a.remote_command,
+                       force=a.force)
     try:
         sup = Supervisor.start(opts)
         try:
@@ -87,7 +94,54 @@ def cmd_sync(a: argparse.Namespace) -> int:
 def cmd_secondary(a: argparse.Namespace) -> int:
     from actors.secondary_host import run_host
 
-    return run_host(a.root)
+    if a.root is None and a.restrict_root is None:
+        print("georep-node secondary: --root or --restrict-root is required", file=sys.stderr)
+        return EXIT_ERROR
+    return run_host(a.root, timeout=a.timeout, restrict_root=a.restrict_root)
+
+
+def authorized_keys_line(public_key: str, root: str, remote_command: str) -> str:
+    """The ``authorized_keys`` line that lets ``public_key`` run only the secondary host
+    of ``root`` (sshd's ``restrict`` turns off forwarding, pty and the like)."""
+    fields = public_key.split()
+    if len(fields) < 2 or not fields[0].startswith(("ssh-", "ecdsa-", "sk-")):
+        raise ValueError("not an OpenSSH public key")
+    command = f"{remote_command} secondary --restrict-root {shlex.quote(root)}"
+    command = command.replace("\\", "\\\\").replace('"', '\\"')
+    return f'restrict,command="{command}" {" ".join(fields)}'
+
+
+def cmd_ssh_key(a: argparse.Namespace) -> int:
+    key = os.path.expanduser(a.key)
+    private = key[:-4] if key.endswith(".pub") else key
+    public = private + ".pub"
+    if not os.path.exists(public):
+        if not a.generate:
+            print(f"georep-node ssh-key: no public key at {public}; pass --generate to "
+                  "create the key pair", file=sys.stderr)
+            return EXIT_ERROR
+        if os.path.exists(private):
+            print(f"georep-node ssh-key: {private} exists but {public} does not; "
+                  f"recreate it with: ssh-keygen -y -f {private} > {public}", file=sys.stderr)
+            return EXIT_ERROR
+        os.makedirs(os.path.dirname(private) or ".", 0o700, exist_ok=True)
+        done = subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C",
+                               f"georep@{socket.gethostname()}", "-f", private],
+                              stdin=subprocess.DEVNULL, capture_output=True, text=True)
+        if done.returncode != 0:
+            why = (done.stderr.strip().splitlines() or ["failed"])[-1]
+            print(f"georep-node ssh-key: ssh-keygen: {why}", file=sys.stderr)
+            return EXIT_ERROR
+        print(f"georep-node ssh-key: created {private} and {public}", file=sys.stderr)
+    try:
+        with open(public, encoding="utf-8") as f:
+            line = authorized_keys_line(f.read().strip(), a.root, a.remote_command)
+    except (OSError, ValueError) as e:
+        print(f"georep-node ssh-key: {public}: {getattr(e, 'strerror', None) or e}",
+              file=sys.stderr)
+        return EXIT_ERROR
+    print(line)
+    return EXIT_OK
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -106,8 +160,9 @@ def build_parser() -> argparse.ArgumentParser:
         "special files.  Objects keep their identity (gfid), so renames are applied as "
         "renames.  Exit status: 0 converged, 1 some items failed (listed), 2 could not run.")
     s.add_argument("primary", help="the directory to replicate")
-    s.add_argument("secondary", help="replica root: a local path (the secondary host runs as "
-                   "a local child process)")
+    s.add_argument("secondary", help="replica root: a local path, [user@]host:/path or "
+                   "ssh://[user@]host[:port]/path (the secondary host runs as a local "
+                   "child process, or over one ssh connection)")
     s.add_argument("--once", action="store_true",
                    help="crawl, sync and exit (required in this version)")
     s.add_argument("--jobs", type=int, default=2, metavar="N",
@@ -119,16 +174,46 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--session", metavar="NAME",
                    help="name under which marks are kept on the primary root "
                         "(default: derived from PRIMARY and SECONDARY)")
-    s.add_argument("--ssh-command", default="ssh", help=argparse.SUPPRESS)
-    s.add_argument("--remote-command", default="georep-node", help=argparse.SUPPRESS)
+    s.add_argument("--ssh-command", default="ssh", metavar="CMD",
+                   help="the ssh client and its options for a remote SECONDARY, e.g. "
+                   "\"ssh -p 2222 -i ~/.ssh/georep -o ...\" (default: %(default)s; georep adds "
+                   "BatchMode, ConnectTimeout and ServerAliveInterval; see docs/ssh.md)")
+    s.add_argument("--remote-command", default="georep-node", metavar="CMD",
+                   help="how to run georep-node on the secondary host, as a shell command "
+                   "(default: %(default)s, found in the remote PATH)")
+    s.add_argument("--force", action="store_true",
+                   help="take over the secondary's session lock even when its holder is "
+                   "alive (the holder exits); use only when that session is known dead")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.set_defaults(func=cmd_sync)
 
     h = sub.add_parser("secondary", help="serve as the secondary host on stdio (not for people)",
                        description="Secondary host: speaks georep's protocol on stdin/stdout "
                        "and writes only beneath --root.  Started by the primary.")
-    h.add_argument("--root", required=True, help="the secondary root directory")
+    h.add_argument("--root", help="the secondary root directory")
+    h.add_argument("--restrict-root", metavar="PATH",
+                   help="serve only PATH, whatever root the client asks for (the forced "
+                   "command of an authorized_keys line; see ssh-key)")
+    h.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="exit after this long without a request from the primary, which "
+                   "pings every 30 s when idle (default: %(default)s)")
     h.set_defaults(func=cmd_secondary)
+
+    k = sub.add_parser(
+        "ssh-key", help="print an authorized_keys line restricted to one secondary root",
+        description="Print the line to add to ~/.ssh/authorized_keys on the secondary host "
+        "so that this host's key can only run the georep secondary host for --root: "
+        "restrict,command=\"CMD secondary --restrict-root PATH\" KEY.  See docs/ssh.md.")
+    k.add_argument("--key", default="~/.ssh/id_ed25519.pub", metavar="PATH",
+                   help="the public key (default: %(default)s)")
+    k.add_argument("--root", required=True, metavar="PATH",
+                   help="the secondary root on the remote host")
+    k.add_argument("--remote-command", default="georep-node", metavar="CMD",
+                   help="how sshd runs georep-node on the secondary host; an absolute path "
+                   "is safest (default: %(default)s)")
+    k.add_argument("--generate", action="store_true",
+                   help="create the ed25519 key pair with ssh-keygen when it is missing")
+    k.set_defaults(func=cmd_ssh_key)
     return p
 
 

@@ -36,6 +36,7 @@ from actors.reconcile import (
 )
 from fsops import gfid as gfids
 from fsops.constants import ROOT_GFID
+from fsops.dirmap import DirMap
 from fsops.primary import Entry, PrimaryTree
 from transport import Channel
 from transport.errors import NotFound
@@ -58,11 +59,24 @@ class _Todo:
     ordered: bool = False
 
 
+#: Which subdirectories a crawl descends into.
+DESCEND_ALL = "all"  # hybrid crawl: the whole subtree
+DESCEND_NEW = "new"  # live re-check: only directories not already in place on the secondary
+
+
+@dataclass
+class CrawlResult:
+    """What a crawl run could not do, for its caller to handle."""
+
+    #: gfids of directories that could not be found on the primary where expected.
+    unresolved: list[bytes]
+
+
 class Crawler(pykka.ThreadingActor):
     """Walks the primary brick and feeds the Batcher with what must change."""
 
     def __init__(self, primary: PrimaryTree, channel: Channel, batcher: Any, ledger: Ledger,
-                 credits: threading.Semaphore, done: Future[None], *,
+                 credits: threading.Semaphore, *, dirmap: DirMap | None = None,
                  timeout: float = 600.0) -> None:
         super().__init__()
         self.primary = primary
@@ -70,32 +84,98 @@ class Crawler(pykka.ThreadingActor):
         self.batcher = batcher
         self.ledger = ledger
         self.credits = credits
-        self.done = done
+        self.dirmap = dirmap
         self.timeout = timeout
         self.seen = SeenLinks()
         self.stack: list[_Todo] = []
+        self.descend = DESCEND_ALL
+        self.force_data: frozenset[bytes] = frozenset()
+        self.unresolved: list[bytes] = []
+        self.done: Future[CrawlResult] | None = None
         self._me: Any = None
 
     def on_start(self) -> None:
         self._me = self.actor_ref.proxy()
 
     def on_failure(self, exc_type: Any, exc: BaseException | None, tb: Any) -> None:
-        if not self.done.done():
+        if self.done is not None and not self.done.done():
             self.done.set_exception(exc or RuntimeError("crawler failed"))
 
-    def begin(self) -> None:
-        """Begin a hybrid crawl at the brick root."""
+    def _run(self, todos: list[_Todo], descend: str, force_data: frozenset[bytes],
+             done: Future[CrawlResult]) -> None:
+        if self.done is not None and not self.done.done():
+            done.set_exception(RuntimeError("a crawl is already running"))
+            return
+        self.stack = list(reversed(todos))
+        self.descend = descend
+        self.force_data = force_data
+        self.unresolved = []
+        self.done = done
+        self.seen = SeenLinks()
+        self._me.step.defer()
+
+    def begin(self, done: Future[CrawlResult]) -> None:
+        """Hybrid crawl: the whole brick, from its root."""
         root = self.primary.root_entry()
         row = self.channel.call("stat_gfid", {"gfid": ROOT_GFID}, timeout=self.timeout)
         remote = None if row is None else Remote(b"", ROOT_GFID, *row)
-        self.stack = [_Todo(SubDir(root, b"", remote), None, True)]
-        self._me.step.defer()
+        self._run([_Todo(SubDir(root, b"", remote), None, True)], DESCEND_ALL, frozenset(),
+                  done)
+
+    def recheck(self, gfids: list[bytes], force_data: frozenset[bytes],
+                done: Future[CrawlResult]) -> None:
+        """Live crawl: re-check these directories (and the new subtrees found in them).
+
+        Directories the map cannot place on the primary, or that are not where it says,
+        come back in the result's ``unresolved`` list.
+        """
+        todos: list[_Todo] = []
+        unresolved: list[bytes] = []
+        rows = [(g, self.channel.call_async("stat_gfid", {"gfid": g})) for g in gfids]
+        for gfid, fut in rows:
+            row = fut.result(timeout=self.timeout)
+            if row is None:
+                continue  # not on the secondary yet: its parent's re-check creates it
+            relpath = b"" if gfid == ROOT_GFID else (
+                self.dirmap.relpath(gfid) if self.dirmap else None)
+            if relpath is None:
+                unresolved.append(gfid)
+                continue
+            entry = self._dir_entry(relpath, gfid)
+            if entry is None:
+                unresolved.append(gfid)
+                continue
+            todos.append(_Todo(SubDir(entry, relpath, Remote(entry.name, gfid, *row)),
+                               None, True))
+        self._run(todos, DESCEND_NEW, force_data, done)
+        self.unresolved.extend(unresolved)
+
+    def _dir_entry(self, relpath: bytes, gfid: bytes) -> Entry | None:
+        if not relpath:
+            return self.primary.root_entry()
+        parent, _, name = relpath.rpartition(b"/")
+        fd = self.primary.open_dir(parent, self._parent_gfid(gfid))
+        if fd is None:
+            return None
+        try:
+            e = self.primary.stat_entry(fd, name)
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return e if e.gfid == gfid and e.type == "d" else None
+
+    def _parent_gfid(self, gfid: bytes) -> bytes:
+        loc = self.dirmap.get(gfid) if self.dirmap else None
+        return loc[0] if loc else ROOT_GFID
 
     def step(self) -> None:
         """Crawl one directory, then schedule the next."""
         if not self.stack:
-            if not self.done.done():
-                self.done.set_result(None)
+            if self.dirmap is not None:
+                self.dirmap.flush()
+            if self.done is not None and not self.done.done():
+                self.done.set_result(CrawlResult(self.unresolved))
             return
         todo = self.stack.pop()
         self._prefetch()
@@ -129,13 +209,19 @@ class Crawler(pykka.ThreadingActor):
         fd = self.primary.open_dir(sub.relpath, d.gfid)
         if fd is None:
             self.ledger.count("dirs_vanished")
+            if self.descend == DESCEND_NEW:
+                self.unresolved.append(d.gfid)  # moved since it was placed: look again
             return
         try:
             entries, problems = self.primary.list_dir(fd, is_root=not sub.relpath)
             for name, reason in problems:
                 self.ledger.fail("entry", "scan", _join(sub.relpath, name), None, None, reason)
             remote = self._listing(todo)
-            plan = plan_dir(d.gfid, sub.relpath, entries, remote, self.seen)
+            plan = plan_dir(d.gfid, sub.relpath, entries, remote, self.seen,
+                            force_data=self.force_data)
+            if self.dirmap is not None:
+                for s in plan.subdirs:
+                    self.dirmap.set(s.entry.gfid, d.gfid, s.entry.name)
             self.ledger.count("scanned", len(entries))
             self.ledger.count("dirs_scanned")
             self._read_inline(fd, sub.relpath, plan)
@@ -168,6 +254,8 @@ class Crawler(pykka.ThreadingActor):
         todos: list[_Todo] = []
         listings: list[tuple[bytes, Future[Any]]] = []
         for s in plan.subdirs:
+            if self.descend == DESCEND_NEW and s.remote is not None:
+                continue  # in place: its own changes are in the journal
             if s.adopt:
                 fut: Future[Any] = Future()
                 listings.append((s.entry.gfid, fut))

@@ -129,13 +129,14 @@ def _child(relpath: bytes, name: bytes) -> bytes:
 
 def plan_dir(pgfid: bytes, relpath: bytes, primary: Iterable[Entry],
              secondary: Iterable[Remote], seen: SeenLinks,
-             inline_max: int = INLINE_MAX) -> Plan:
+             inline_max: int = INLINE_MAX, force_data: frozenset[bytes] = frozenset()) -> Plan:
     """Compute the ops that make the secondary directory ``pgfid`` equal the primary's.
 
     Order: ensures (creates, links, renames, adoptions, replacements), then deletes of
     names the primary no longer has, then meta of unchanged-name entries.  Ensures come
     before deletes so that a directory renamed within this directory is moved, not sent
-    to limbo and back.
+    to limbo and back.  Files in ``force_data`` (the journal says their content changed)
+    get their data compared even when size and mtime match.
     """
     plan = Plan()
     remote = {r.name: r for r in secondary}
@@ -158,7 +159,8 @@ def plan_dir(pgfid: bytes, relpath: bytes, primary: Iterable[Entry],
             assert r is not None
             if not first:
                 continue
-            if e.type == T_FILE and (r.size != e.size or r.mtime_ns != e.mtime_ns):
+            if e.type == T_FILE and (r.size != e.size or r.mtime_ns != e.mtime_ns
+                                     or e.gfid in force_data):
                 if e.size <= inline_max:
                     plan.want_data.append(len(plan.ops))
                     plan.ops.append(ensure_op(pgfid, e))

@@ -370,6 +370,9 @@ def run_host(root: str | None, *, timeout: float = 120.0,
                 req = conn.read_request()
                 if req is None:
                     return 0
+                if req.method == "hello":
+                    conn.send_reply(req.id, error=HandshakeError("hello was already done"))
+                    continue
                 gate.acquire()
                 (lister if _out_of_band(req) else applier).handle.defer(req)
         finally:

@@ -6,6 +6,11 @@ pool), let the secondary purge what was deleted, make it durable, and only then 
 the marks on the primary root.  When items failed, one more crawl retries them (it
 re-derives exactly what is still different); what still fails is reported, never
 dropped.
+
+One connection serves the whole run.  When it drops in the middle of a pass (ssh
+killed, network gone), the Supervisor reconnects with backoff (1, 2, 4... s, up to
+``RECONNECT_TRIES`` tries) and restarts the pass from the beginning: every op is
+gfid-checked and idempotent, so replaying is safe.
 """
 
 from __future__ import annotations
@@ -13,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import socket
 import threading
 import time
 from concurrent.futures import Future
@@ -22,15 +28,19 @@ from typing import Any
 import pykka
 
 from actors.batcher import Batcher
-from actors.crawler import Crawler
+from actors.crawler import Crawler, CrawlResult
 from actors.ledger import Failure, Ledger
-from actors.remote import RemoteProxy
+from actors.remote import ConnectError, RemoteProxy
 from actors.syncer import Syncer
 from fsops import marks
 from fsops.primary import PrimaryTree
+from transport import Channel
 from transport.endpoint import Endpoint, parse_secondary
 
 log = logging.getLogger("georep.supervisor")
+
+#: Reconnect attempts after the connection drops in a pass (waits 1, 2, 4, 8, 16 s).
+RECONNECT_TRIES = 5
 
 
 @dataclass
@@ -46,6 +56,8 @@ class SyncOptions:
     session: str | None = None
     ssh_command: str = "ssh"
     remote_command: str = "georep-node"
+    force: bool = False
+    reconnects: int = RECONNECT_TRIES
 
 
 @dataclass
@@ -92,6 +104,7 @@ class Supervisor(pykka.ThreadingActor):
         self.endpoint = parse_secondary(options.secondary)
         self.session = options.session or session_id(options.primary, self.endpoint)
         self.ledger = Ledger()
+        self._remote: pykka.ActorRef[Any] | None = None
 
     def run_once(self) -> Summary:
         """Make the secondary equal to the primary now; see the module docstring."""
@@ -99,38 +112,93 @@ class Supervisor(pykka.ThreadingActor):
         t0 = time.monotonic()
         summary = Summary(o.primary, str(self.endpoint))
         primary = PrimaryTree(os.fsencode(o.primary))
-        remote = RemoteProxy.start(self.endpoint, ssh_command=o.ssh_command,
-                                   remote_command=o.remote_command)
         try:
-            proxy = remote.proxy()
-            proxy.connect().get(timeout=o.timeout)
-            channel = proxy.channel().get(timeout=o.timeout)
+            self._connect()
             transfer: dict[str, int] = {}
             for n in range(1 + o.retries):
                 if n:
                     log.info("retrying failed items pass=%d failures=%d", n + 1,
                              len(self.ledger.failures()))
                     self.ledger.clear_failures()
-                started_ns = time.time_ns()
-                for k, v in self._one_pass(primary, channel).items():
+                started_ns, moved = self._pass_reconnecting(primary)
+                for k, v in moved.items():
                     transfer[k] = transfer.get(k, 0) + v
                 summary.passes = n + 1
-                if not self.ledger.failures():
-                    self._commit_marks(primary, channel, started_ns, summary)
+                if started_ns is not None:
+                    self._write_marks(primary, started_ns, summary)
                     break
             summary.transfer = transfer
             summary.counters = dict(self.ledger.counters)
             summary.failures = self.ledger.failures()
         finally:
-            remote.stop()
+            if self._remote is not None:
+                self._remote.stop()
             primary.close()
         summary.seconds = time.monotonic() - t0
         return summary
 
+    # -- connection ------------------------------------------------------------------------
+
+    def _connect(self) -> Channel:
+        """Start a RemoteProxy and shake hands (ConnectError: one line for people)."""
+        o = self.options
+        if self._remote is not None:
+            self._remote.stop()
+            self._remote = None
+        identity = {"session": self.session, "primary": os.path.abspath(o.primary),
+                    "host": socket.gethostname(), "force": o.force}
+        self._remote = RemoteProxy.start(self.endpoint, ssh_command=o.ssh_command,
+                                         remote_command=o.remote_command, identity=identity)
+        proxy = self._remote.proxy()
+        proxy.connect().get(timeout=o.timeout)
+        channel: Channel = proxy.channel().get(timeout=o.timeout)
+        return channel
+
+    def _pass_reconnecting(self, primary: PrimaryTree) -> tuple[int | None, dict[str, int]]:
+        """One pass, restarted from the beginning on a new connection when the old one drops.
+
+        Ops are idempotent and gfid-checked, so replaying what the lost pass already sent
+        is safe.  Returns (the pass's start time when it converged and the secondary made
+        it durable, else None; transfer stats).
+        """
+        o = self.options
+        assert self._remote is not None
+        channel: Channel = self._remote.proxy().channel().get(timeout=o.timeout)
+        tries = 0
+        while True:
+            started_ns = time.time_ns()
+            try:
+                moved = self._one_pass(primary, channel)
+                if self.ledger.failures() and not channel.closed:
+                    return None, moved
+                # Marks move only after the secondary says everything applied is durable.
+                channel.call("commit", {}, timeout=o.timeout)
+                return started_ns, moved
+            except Exception as e:
+                if not channel.closed:
+                    raise
+                reason = str(e)
+            while True:
+                if tries >= o.reconnects:
+                    raise ConnectError(f"connection to {self.endpoint} lost and {tries} "
+                                       f"reconnect(s) failed: {reason}")
+                delay = 2 ** tries
+                tries += 1
+                log.warning("connection to %s lost (%s); reconnecting in %d s (try %d/%d)",
+                            self.endpoint, reason, delay, tries, o.reconnects)
+                time.sleep(delay)  # backoff, not synchronization
+                try:
+                    channel = self._connect()
+                    break
+                except ConnectError as ce:
+                    reason = str(ce)
+            self.ledger.count("reconnects")
+            self.ledger.clear_failures()  # the restarted pass re-derives what still differs
+
     def _one_pass(self, primary: PrimaryTree, channel: Any) -> dict[str, int]:
         o = self.options
         credits = threading.Semaphore(64)
-        done: Future[None] = Future()
+        done: Future[CrawlResult] = Future()
         started: list[pykka.ActorRef[Any]] = []
         try:
             syncer_refs = [Syncer.start(channel, primary, self.ledger, timeout=o.timeout)
@@ -140,9 +208,9 @@ class Supervisor(pykka.ThreadingActor):
             batcher_ref = Batcher.start(channel, self.ledger, syncers, credits, max_ops=o.max_ops)
             started.append(batcher_ref)
             crawler_ref = Crawler.start(primary, channel, batcher_ref.proxy(), self.ledger,
-                                        credits, done, timeout=o.timeout)
+                                        credits, timeout=o.timeout)
             started.append(crawler_ref)
-            crawler_ref.proxy().begin.defer()
+            crawler_ref.proxy().begin.defer(done)
             done.result(timeout=None)
             batcher_ref.proxy().drain().get(timeout=o.timeout * 6)
             purged = channel.call("end_crawl", {}, timeout=o.timeout)
@@ -156,10 +224,7 @@ class Supervisor(pykka.ThreadingActor):
             for ref in reversed(started):
                 ref.stop(block=True, timeout=o.timeout)
 
-    def _commit_marks(self, primary: PrimaryTree, channel: Any, started_ns: int,
-                      summary: Summary) -> None:
-        # Marks move only after the secondary says everything applied so far is durable.
-        channel.call("commit", {}, timeout=self.options.timeout)
+    def _write_marks(self, primary: PrimaryTree, started_ns: int, summary: Summary) -> None:
         for which in ("entry_stime", "stime"):
             marks.write_mark(primary.root_fd, self.session, which, started_ns)
             summary.marks[which] = started_ns

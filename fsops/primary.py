@@ -160,6 +160,10 @@ class PrimaryTree:
         entries.sort(key=lambda e: e.name)
         return entries, problems
 
+    def stat_entry(self, dir_fd: int, name: bytes) -> Entry:
+        """One entry of an open directory, as :meth:`list_dir` would report it."""
+        return self._entry(dir_fd, name)
+
     def _entry(self, dir_fd: int, name: bytes) -> Entry:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         t = entry_type(st.st_mode)

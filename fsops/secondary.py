@@ -198,7 +198,9 @@ class SecondaryFS:
                 why = e.strerror or os.strerror(code)
                 results.append({"s": "error", "errno": code,
                                 "message": f"{kind} {_label(op)!r}: {why}"})
-            except (KeyError, TypeError, ValueError, AttributeError) as e:
+            except (KeyError, TypeError, ValueError, AttributeError, OverflowError) as e:
+                # (OverflowError: an out-of-range int an unvalidated caller passed, e.g. a
+                # uid, mode or rdev beyond what the syscall takes.)
                 results.append({"s": "error", "errno": errno.EINVAL,
                                 "message": f"{kind} {_label(op)!r}: malformed op ({e})"})
         return results

@@ -197,6 +197,10 @@ class GfidIndex:
             self.orphans_fd = self._keep(os.open(
                 ORPHANS, os.O_RDWR | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC,
                 0o600, dir_fd=self.meta_fd))
+            ost = os.fstat(self.orphans_fd)
+            if not stat.S_ISREG(ost.st_mode) or ost.st_nlink != 1:
+                # A hardlink would let us append to and truncate a file elsewhere.
+                raise OSError(errno.EPERM, f"{ORPHANS.decode()} is not a private regular file")
         except OSError as e:
             self.close()
             raise SecondaryError(f"cannot set up {META_DIR.decode()}/: {e.strerror}") from None
@@ -254,11 +258,20 @@ class GfidIndex:
         symlinks cannot carry it: a second name, or a target that is no directory
         record, marks an object.
         """
-        if not stat.S_ISLNK(st.st_mode):
-            return True
         d = self.idx_dir(gfid)
         if d is None:
             return False
+        if not stat.S_ISLNK(st.st_mode):
+            # A hardlink planted in the index (say to a file outside the root) lacks our
+            # xattr: never take it for the object. As non-root special files cannot carry
+            # user.* xattrs, so for them the index link alone names the object.
+            try:
+                g = xattrs.get(hexname(gfid), GFID_XATTR, dir_fd=d)
+            except OSError:
+                return False
+            if g is not None:
+                return g == gfid
+            return not is_root() and not stat.S_ISREG(st.st_mode)
         if is_root():
             try:
                 return xattrs.get(hexname(gfid), GFID_XATTR, dir_fd=d) == gfid

@@ -99,11 +99,15 @@ class Channel:
             raise HandshakeError(
                 f"unexpected bytes after the handshake magic: {got[len(MAGIC):]!r}")
 
-    def handshake(self, timeout: float = 30.0, *, version: str = VERSION) -> dict[str, Any]:
+    def handshake(self, timeout: float = 30.0, *, version: str = VERSION,
+                  identity: dict[str, Any] | None = None) -> dict[str, Any]:
         """Wait for the secondary's magic, exchange ``hello`` and start the reader thread.
 
-        Returns the secondary's hello reply (also kept as ``self.peer``). Raises
-        HandshakeError on junk, early exit, timeout or a protocol version mismatch.
+        ``identity`` adds the optional hello fields (session, primary, host, force) the
+        secondary's session lock records. Returns the secondary's hello reply (also kept
+        as ``self.peer``). Raises HandshakeError on junk, early exit, timeout or a
+        protocol version mismatch; an error reply to hello (a refused root, a held lock)
+        is raised as rebuilt.
         """
         if self._thread is not None:
             raise HandshakeError("handshake already done")
@@ -128,7 +132,8 @@ class Channel:
                                         daemon=True)
         self._thread.start()
         try:
-            reply = self.call("hello", {"version": version, "protocol": PROTOCOL},
+            reply = self.call("hello", {**(identity or {}), "version": version,
+                                        "protocol": PROTOCOL},
                               timeout=max(0.0, deadline - time.monotonic()))
         except TimeoutError:
             raise HandshakeError(f"no hello reply from {self.name} within {timeout:g}s")

@@ -66,6 +66,13 @@ def parse_secondary(spec: str) -> Endpoint:
 _BIN = Path(__file__).resolve().parent.parent / "bin" / "georep-node"
 
 
+def georep_argv() -> list[str]:
+    """argv prefix that runs this very ``georep-node`` (same interpreter, same code)."""
+    if _BIN.is_file():
+        return [sys.executable, str(_BIN)]
+    return [sys.executable, "-m", "actors.cli"]
+
+
 def local_host_argv(path: str) -> list[str]:
     """argv of a secondary host on this machine, with this interpreter and this code."""
     if _BIN.is_file():
@@ -73,15 +80,30 @@ def local_host_argv(path: str) -> list[str]:
     return [sys.executable, "-m", "actors.cli", "secondary", "--root", path]
 
 
+def remote_host_command(path: str, *, remote_command: str = "georep-node") -> str:
+    """The shell command line run on the remote host: ``remote_command`` is used verbatim.
+
+    ssh hands its command to the remote user's shell as one string, so the path is
+    quoted here and ``remote_command`` may be any shell text (``sudo georep-node``,
+    ``/opt/venv/bin/python -m actors.cli``).
+    """
+    return f"{remote_command} secondary --root {shlex.quote(path)}"
+
+
 def ssh_host_argv(ep: Endpoint, *, ssh_command: str = "ssh",
                   remote_command: str = "georep-node") -> list[str]:
-    """argv that starts the secondary host on ``ep.host`` over OpenSSH."""
+    """argv that starts the secondary host on ``ep.host`` over OpenSSH.
+
+    BatchMode: never prompt (a prompt would hang a daemon); ConnectTimeout: fail fast on
+    an unreachable host; ServerAliveInterval: notice a dead network path.  Options in
+    ``ssh_command`` come first, and OpenSSH keeps the first value it is given.
+    """
     argv = shlex.split(ssh_command)
-    argv += ["-oBatchMode=yes", "-oConnectTimeout=15", "-oServerAliveInterval=15"]
+    argv += ["-T", "-oBatchMode=yes", "-oConnectTimeout=15", "-oServerAliveInterval=15",
+             "-oServerAliveCountMax=4"]
     if ep.port:
         argv += ["-p", str(ep.port)]
     if ep.user:
         argv += ["-l", ep.user]
-    argv += [ep.host or "", "--", *shlex.split(remote_command), "secondary", "--root",
-             shlex.quote(ep.path)]
+    argv += ["--", ep.host or "", remote_host_command(ep.path, remote_command=remote_command)]
     return argv

@@ -1,0 +1,1 @@
+"""Benchmarks of georep (not tests: run by hand or with ``make bench``)."""
