@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import logging.handlers
 import os
 import shlex
+import signal
 import socket
 import subprocess
 import sys
+import threading
 from collections.abc import Sequence
 
 import pykka
@@ -27,9 +30,11 @@ from actors.ledger import Failure
 from actors.remote import ConnectError
 from actors.supervisor import Summary, Supervisor, SyncOptions
 from fsops.primary import PrimaryError
+from fsops.recorder import RecorderError
 from transport.endpoint import EndpointError
 
 EXIT_OK, EXIT_FAILURES, EXIT_ERROR = 0, 1, 2
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 def _human(n: float) -> str:
@@ -59,22 +64,43 @@ def _print_summary(s: Summary) -> None:
         print(f"  FAILED    {f.line()}", file=sys.stderr)
 
 
+def _session_log(state: str) -> None:
+    """Continuous mode also logs, one line per event, to the session's log file."""
+    os.makedirs(state, mode=0o700, exist_ok=True)
+    h = logging.handlers.WatchedFileHandler(os.path.join(state, "georep.log"))
+    h.setFormatter(logging.Formatter(LOG_FORMAT))
+    h.setLevel(logging.INFO)
+    root = logging.getLogger()
+    root.addHandler(h)
+    root.setLevel(min(root.level, logging.INFO))
+
+
 def cmd_sync(a: argparse.Namespace) -> int:
-    if not a.once:
-        print("georep-node sync: continuous mode is not available in this version; "
-              "use --once", file=sys.stderr)
-        return EXIT_ERROR
     opts = SyncOptions(primary=a.primary, secondary=a.secondary, jobs=a.jobs,
                        retries=a.retries, timeout=a.timeout, session=a.session,
                        ssh_command=a.ssh_command, remote_command=a.remote_command,
-                       force=a.force)
+                       force=a.force, state_dir=a.state_dir)
+    stop = threading.Event()
+    if not a.once:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda *_: stop.set())
     try:
         sup = Supervisor.start(opts)
         try:
-            summary: Summary = sup.proxy().run_once().get()
+            if a.once:
+                summary: Summary = sup.proxy().run_once().get()
+            else:
+                _session_log(sup.proxy().state_path().get())
+                fut = sup.proxy().run_live(stop)
+                while True:
+                    try:
+                        summary = fut.get(timeout=0.5)
+                        break
+                    except pykka.Timeout:
+                        continue
         finally:
             sup.stop()
-    except (PrimaryError, ConnectError, EndpointError) as e:
+    except (PrimaryError, ConnectError, EndpointError, RecorderError) as e:
         print(f"georep-node sync: {e}", file=sys.stderr)
         return EXIT_ERROR
     finally:
@@ -89,6 +115,13 @@ def cmd_sync(a: argparse.Namespace) -> int:
               f"first: {first.line()}", file=sys.stderr)
         return EXIT_FAILURES
     return EXIT_OK
+
+
+def cmd_recorder(a: argparse.Namespace) -> int:
+    from actors.recorder_host import run_recorder
+
+    _session_log(a.state)
+    return run_recorder(a.primary, a.state, a.linger)
 
 
 def cmd_secondary(a: argparse.Namespace) -> int:
@@ -164,7 +197,13 @@ def build_parser() -> argparse.ArgumentParser:
                    "ssh://[user@]host[:port]/path (the secondary host runs as a local "
                    "child process, or over one ssh connection)")
     s.add_argument("--once", action="store_true",
-                   help="crawl, sync and exit (required in this version)")
+                   help="crawl, sync and exit; without it, keep replicating every change "
+                   "within about a second until SIGTERM or Ctrl-C (a recorder daemon keeps "
+                   "the change journal meanwhile, so a restart replays only what changed)")
+    s.add_argument("--state-dir", metavar="DIR",
+                   help="continuous mode: where sessions keep their journal, directory "
+                   "map and log (default: $GEOREP_STATE_DIR, else /var/lib/georep as root, "
+                   "else ~/.local/state/georep)")
     s.add_argument("--jobs", type=int, default=2, metavar="N",
                    help="parallel data transfers (default: %(default)s)")
     s.add_argument("--retries", type=int, default=1, metavar="N",
@@ -186,6 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
                    "alive (the holder exits); use only when that session is known dead")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.set_defaults(func=cmd_sync)
+
+    r = sub.add_parser("recorder", help="record the changes of a primary (started by sync)",
+                       description="Recorder daemon: journals every change under --primary "
+                       "(fanotify as root, inotify otherwise) into --state/journal.  Started "
+                       "by a continuous sync; exits on SIGTERM or after --linger seconds with "
+                       "no sync worker.")
+    r.add_argument("--primary", required=True)
+    r.add_argument("--state", required=True, help="the session's state directory")
+    r.add_argument("--linger", type=float, default=600.0, metavar="SECONDS",
+                   help="exit after this long without a worker heartbeat; 0: never "
+                   "(default: %(default)s)")
+    r.set_defaults(func=cmd_recorder)
 
     h = sub.add_parser("secondary", help="serve as the secondary host on stdio (not for people)",
                        description="Secondary host: speaks georep's protocol on stdin/stdout "
@@ -221,8 +272,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``georep-node``."""
     args = build_parser().parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
-    logging.basicConfig(level=level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=level, stream=sys.stderr, format=LOG_FORMAT)
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

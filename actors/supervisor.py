@@ -30,9 +30,14 @@ import pykka
 from actors.batcher import Batcher
 from actors.crawler import Crawler, CrawlResult
 from actors.ledger import Failure, Ledger
+from actors.live import CHANGELOG, HISTORY, HYBRID, Follower
+from actors.recorder_host import ensure_recorder, heartbeat, journal_dir
 from actors.remote import ConnectError, RemoteProxy
 from actors.syncer import Syncer
 from fsops import marks
+from fsops.dirmap import DirMap, default_state_root
+from fsops.journal import JournalReader
+from fsops.journal_tail import JournalTail
 from fsops.primary import PrimaryTree
 from transport import Channel
 from transport.endpoint import Endpoint, parse_secondary
@@ -58,6 +63,10 @@ class SyncOptions:
     remote_command: str = "georep-node"
     force: bool = False
     reconnects: int = RECONNECT_TRIES
+    #: Continuous mode: where the session keeps its journal, directory map and log.
+    state_dir: str | None = None
+    #: Continuous mode: the recorder daemon stops after this long without a worker.
+    recorder_linger: float = 600.0
 
 
 @dataclass
@@ -228,3 +237,138 @@ class Supervisor(pykka.ThreadingActor):
         for which in ("entry_stime", "stime"):
             marks.write_mark(primary.root_fd, self.session, which, started_ns)
             summary.marks[which] = started_ns
+
+    # -- continuous mode ---------------------------------------------------------------------
+
+    def state_path(self) -> str:
+        """The session's state directory (journal, directory map, logs)."""
+        root = self.options.state_dir or default_state_root()
+        return os.path.join(root, "sessions", self.session)
+
+    def run_live(self, stop: threading.Event) -> Summary:
+        """Replicate continuously until ``stop`` is set; see actors/live.py.
+
+        The recorder daemon is started first (or found running), so nothing that changes
+        from now on escapes the journal.  A dropped connection restarts the whole worker
+        pipeline after a backoff; it resumes from the marks (History Crawl).
+        """
+        o = self.options
+        t0 = time.monotonic()
+        summary = Summary(o.primary, str(self.endpoint))
+        state = self.state_path()
+        primary = PrimaryTree(os.fsencode(o.primary))
+        ensure_recorder(os.path.abspath(o.primary), state, linger=o.recorder_linger)
+        dirmap = DirMap(os.path.join(state, "dirmap.db"))
+        tries = 0
+        try:
+            while not stop.is_set():
+                try:
+                    self._connect()
+                    tries = 0
+                    self._live(primary, dirmap, state, stop, summary)
+                except ConnectError:
+                    raise
+                except Exception as e:
+                    channel_dead = self._remote is None or self._remote_closed()
+                    if not channel_dead or tries >= o.reconnects:
+                        raise
+                    delay = 2 ** tries
+                    tries += 1
+                    log.warning("connection to %s lost (%s); restarting in %d s", self.endpoint,
+                                e, delay)
+                    self.ledger.count("reconnects")
+                    stop.wait(delay)
+        finally:
+            if self._remote is not None:
+                self._remote.stop()
+                self._remote = None
+            dirmap.close()
+            primary.close()
+        summary.counters = dict(self.ledger.counters)
+        summary.failures = self.ledger.failures()
+        summary.seconds = time.monotonic() - t0
+        return summary
+
+    def _remote_closed(self) -> bool:
+        assert self._remote is not None
+        try:
+            channel: Channel = self._remote.proxy().channel().get(timeout=10)
+        except Exception:
+            return True
+        return channel.closed
+
+    def _live(self, primary: PrimaryTree, dirmap: DirMap, state: str, stop: threading.Event,
+              summary: Summary) -> None:
+        o = self.options
+        assert self._remote is not None
+        channel: Channel = self._remote.proxy().channel().get(timeout=o.timeout)
+        credits = threading.Semaphore(64)
+        started: list[pykka.ActorRef[Any]] = []
+        jdir = journal_dir(state)
+        try:
+            syncer_refs = [Syncer.start(channel, primary, self.ledger, timeout=o.timeout)
+                           for _ in range(max(1, o.jobs))]
+            started += syncer_refs
+            batcher_ref = Batcher.start(channel, self.ledger, [r.proxy() for r in syncer_refs],
+                                        credits, max_ops=o.max_ops)
+            started.append(batcher_ref)
+            crawler_ref = Crawler.start(primary, channel, batcher_ref.proxy(), self.ledger,
+                                        credits, dirmap=dirmap, timeout=o.timeout)
+            started.append(crawler_ref)
+            crawler, batcher = crawler_ref.proxy(), batcher_ref.proxy()
+
+            def hybrid() -> int:
+                t_start = time.time_ns()
+                done: Future[CrawlResult] = Future()
+                crawler.begin.defer(done)
+                done.result(timeout=None)
+                batcher.drain().get(timeout=o.timeout * 6)
+                channel.call("end_crawl", {}, timeout=o.timeout)
+                return t_start
+
+            mark = marks.read_mark(primary.root_fd, self.session, "entry_stime")
+            reader = JournalReader(jdir)
+            if mark is not None and len(dirmap) > 0 and reader.coverage(mark):
+                self._set_mode(HISTORY, summary)
+                tail = JournalTail(jdir, since_ts=mark)
+            else:
+                self._set_mode(HYBRID, summary)
+                since = time.time_ns()
+                tail = JournalTail(jdir, since_ts=since)
+                hybrid()
+                channel.call("commit", {}, timeout=o.timeout)
+                if not self.ledger.failures():
+                    for which in ("entry_stime", "stime"):
+                        marks.write_mark(primary.root_fd, self.session, which, since)
+            follower = Follower(crawler=crawler, batcher=batcher, channel=channel,
+                                ledger=self.ledger, dirmap=dirmap, tail=tail,
+                                root_fd=primary.root_fd, session=self.session, hybrid=hybrid,
+                                on_mode=lambda m: self._set_mode(m, summary),
+                                timeout=o.timeout)
+            last_beat = [0.0]
+
+            def on_round() -> None:
+                if summary.counters.get("mode") != CHANGELOG and tail_idle(tail):
+                    self._set_mode(CHANGELOG, summary)
+                now = time.monotonic()
+                if now - last_beat[0] > 10:
+                    heartbeat(state)
+                    last_beat[0] = now
+
+            follower.follow(stop, on_round)
+            tail.close()
+        finally:
+            for ref in reversed(started):
+                ref.stop(block=True, timeout=o.timeout)
+
+    def _set_mode(self, mode: str, summary: Summary) -> None:
+        if self.crawl_mode != mode:
+            log.warning("crawl=%s session=%s", mode, self.session)
+        self.crawl_mode = mode
+
+    crawl_mode = ""
+
+
+def tail_idle(tail: JournalTail) -> bool:
+    """True once the tail has caught up with the journal (history replayed)."""
+    return tail.caught_up

@@ -62,9 +62,10 @@ RSYNC = ["rsync", "-aHAX", "--numeric-ids"]
 RSYNC_S = ["rsync", "-aHAXS", "--numeric-ids"]
 
 
-def command(tool: str, src: Path, dst: Path, *, delete: bool = False) -> list[str]:
+def command(tool: str, src: Path, dst: Path, *, delete: bool = False,
+            python: str = sys.executable, georep: str = str(GEOREP_NODE)) -> list[str]:
     if tool == "georep":
-        return [sys.executable, str(GEOREP_NODE), "sync", str(src), str(dst), "--once", "--json"]
+        return [python, georep, "sync", str(src), str(dst), "--once", "--json"]
     base = list(RSYNC if tool == "rsync" else RSYNC_S)
     if delete:
         base.append("--delete")
@@ -191,7 +192,8 @@ def bench(ns: argparse.Namespace) -> dict[str, Any]:
             rmtree(work)
 
     result["commands"] = {
-        "initial": {t: shlex.join(command(t, Path("PRIMARY"), Path("EMPTY_DEST")))
+        "initial": {t: shlex.join(command(t, Path("PRIMARY"), Path("EMPTY_DEST"),
+                                          python="python", georep="bin/georep-node"))
                     for t in TOOLS},
         "changes/nochange": {t: shlex.join(command(t, Path("PRIMARY"), Path("PREVIOUS_COPY"),
                                                    delete=True)) for t in TOOLS},
@@ -232,6 +234,7 @@ def table(result: dict[str, Any]) -> str:
 def markdown(result: dict[str, Any], json_path: Path) -> str:
     m, t, p = result["machine"], result["tree"], result["params"]
     cmds = result["commands"]
+    loads = [r["load1"] for per in result["runs"].values() for rs in per.values() for r in rs]
     first = result["runs"]["initial"]["georep"][0]
     counters = first.get("counters") or {}
     transfer = first.get("transfer") or {}
@@ -243,6 +246,9 @@ Wall times are medians over `n` runs, each tool into a fresh destination on the 
 filesystem, tool order alternating per repetition, page cache warm (one untimed read of the
 tree first), `sync` before every timed run.  CPU = user + sys of the command and its
 children (georep: primary and secondary host; rsync: its three processes), medians.
+1-minute load average just before the timed runs: {min(loads):.1f} to {max(loads):.1f}
+(on {m['nproc']} CPUs; anything above ~0.5 means other work shared the machine and the
+wall times are noisy: compare the CPU column too).
 
 | machine | |
 |---|---|

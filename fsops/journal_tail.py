@@ -28,6 +28,8 @@ class JournalTail:
         self._fd: int | None = None
         self._off = 0
         self._buf = b""
+        #: True when the last read reached the end of the journal.
+        self.caught_up = False
 
     def close(self) -> None:
         """Release the open file."""
@@ -66,7 +68,9 @@ class JournalTail:
     def read_new(self, limit: int = 10000) -> list[Record]:
         """Records appended since the last call (at most about ``limit``), oldest first."""
         out: list[Record] = []
+        self.caught_up = False
         if self._fd is None and not self._open_next():
+            self.caught_up = True
             return out
         while len(out) < limit:
             assert self._fd is not None and self._file is not None
@@ -78,6 +82,7 @@ class JournalTail:
                 continue
             # At the end of this file: the writer may have moved on to a new one.
             if not self._open_next():
+                self.caught_up = True
                 break
         return out
 
