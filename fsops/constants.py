@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 
 #: gfid of every brick root and of the secondary root (a root is the same object on both sides).
@@ -22,6 +23,7 @@ ENTRY_TYPES = frozenset({T_FILE, T_DIR, T_SYMLINK, T_FIFO, T_CHR, T_BLK, T_SOCK}
 NAME_MAX = 255
 
 
+@functools.cache
 def is_root() -> bool:
     """True when this process may use ``trusted.*`` xattrs, chown and device nodes."""
     return os.geteuid() == 0

@@ -440,9 +440,7 @@ class SecondaryFS:
         before = saved if saved is not None else _times(pfd)
         status = self._reuse(pfd, pgfid, name, gfid, t, replaced)
         if status is None:
-            self._create(pfd, pgfid, name, gfid, t, target, rdev, data)
-            if meta:
-                self._finish(pfd, name, t, meta, None)
+            self._create(pfd, pgfid, name, gfid, t, target, rdev, data, meta)
             status = "created"
         else:
             self._finish(pfd, name, t, meta, data)
@@ -500,8 +498,13 @@ class SecondaryFS:
         return "linked"
 
     def _create(self, pfd: int, pgfid: bytes, name: bytes, gfid: bytes, t: str,
-                target: bytes | None, rdev: int, data: bytes | None) -> None:
-        """Create a new object; its gfid and index entry are set before content or meta."""
+                target: bytes | None, rdev: int, data: bytes | None,
+                meta: Meta | None = None) -> None:
+        """Create a new object: gfid and index entry first, then content, then meta.
+
+        Files and directories get their meta through the fd still open from the create
+        (no name lookups): this is the hot path of a first sync.
+        """
         if t == T_FILE:
             fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW
                          | os.O_CLOEXEC, 0o600, dir_fd=pfd)
@@ -510,6 +513,8 @@ class SecondaryFS:
                 self.index.set_link(gfid, pfd, name, os.fstat(fd).st_ino)
                 if data:
                     _write_all(fd, data)
+                if meta:
+                    self.apply_meta_fd(fd, meta)
             finally:
                 os.close(fd)
             return
@@ -519,6 +524,8 @@ class SecondaryFS:
             try:
                 xattrs.set(fd, GFID_XATTR, gfid)
                 self.index.set_dir(gfid, pgfid, name)
+                if meta:
+                    self.apply_meta_fd(fd, meta)
             except BaseException:
                 os.close(fd)
                 raise
@@ -532,6 +539,8 @@ class SecondaryFS:
         self._set_gfid(pfd, name, gfid, t)
         st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
         self.index.set_link(gfid, pfd, name, st.st_ino)
+        if meta:
+            self._apply_meta_at(pfd, name, meta, t)
 
     def delete(self, pgfid: bytes, name: bytes, gfid: bytes) -> str:
         """Remove ``name`` if it holds ``gfid``: deleted / absent / other.

@@ -2,8 +2,9 @@
 
 Layout under ``<root>/.georep`` (see docs/protocol.md):
 
-- ``gfid/ab/cd/<hex>``: a hardlink for a non-directory; for a directory a symlink whose
-  target is ``<parent gfid hex>/<name>``. Those symlinks are data, never followed.
+- ``gfid/abc/<hex>`` (4,096 buckets): a hardlink for a non-directory; for a directory a
+  symlink whose target is ``<parent gfid hex>/<name>``. Those symlinks are data, never
+  followed.
 - ``limbo/<hex>``: directories evicted or deleted, purged when the crawl ends.
 - ``orphans``: concatenated 16-byte gfids whose last visible name went away.
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import errno
 import os
+import resource
 import stat
 import uuid
 from collections import OrderedDict
@@ -28,7 +30,7 @@ LIMBO_DIR = b"limbo"
 ORPHANS = b"orphans"
 
 DIR_CACHE_SIZE = 256
-INDEX_DIR_CACHE_SIZE = 64
+INDEX_DIR_CACHE_SIZE = 4096  # every bucket stays open (raised RLIMIT_NOFILE permitting)
 #: Longest parent chain followed when resolving a directory; deeper means a loop.
 MAX_DEPTH = 4096
 
@@ -175,6 +177,10 @@ class FdCache:
             os.close(fd)
 
 
+#: Hex digits of a gfid that name its index bucket (16**3 = 4,096 buckets).
+BUCKET_CHARS = 3
+
+
 def _open_or_make_dir(name: bytes, dir_fd: int, create: bool) -> int:
     if create:
         try:
@@ -205,7 +211,10 @@ class GfidIndex:
             self.close()
             raise SecondaryError(f"cannot set up {META_DIR.decode()}/: {e.strerror}") from None
         self.dirs = FdCache(DIR_CACHE_SIZE)
-        self._idx_dirs = FdCache(INDEX_DIR_CACHE_SIZE)
+        # Two SecondaryFS (applier, lister) share the process's fd limit: a quarter each.
+        soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+        budget = INDEX_DIR_CACHE_SIZE if soft == resource.RLIM_INFINITY else soft // 4
+        self._idx_dirs = FdCache(max(64, min(INDEX_DIR_CACHE_SIZE, budget)))
 
     def _keep(self, fd: int) -> int:
         self._fds.append(fd)
@@ -223,20 +232,22 @@ class GfidIndex:
     # -- index entries -------------------------------------------------------------
 
     def idx_dir(self, gfid: bytes, *, create: bool = False) -> int | None:
-        """fd of ``gfid/ab/cd`` holding the gfid's entry (made lazily when ``create``)."""
-        h = hexname(gfid)
-        key = h[:4]
+        """fd of the bucket ``gfid/abc`` holding the gfid's entry (made lazily when ``create``).
+
+        One level of 4,096 buckets: a first sync creates at most 4,096 directories in
+        all (two levels of 256 made a new leaf directory for almost every object, the
+        most expensive syscall of the whole apply), and ext4/xfs index large directories.
+        """
+        key = hexname(gfid)[:BUCKET_CHARS]
         fd = self._idx_dirs.get(key)
         if fd is not None:
             return fd
         try:
-            top = _open_or_make_dir(h[:2], self.gfid_fd, create)
-            try:
-                fd = _open_or_make_dir(h[2:4], top, create)
-            finally:
-                os.close(top)
+            fd = os.open(key, _DIR_FLAGS, dir_fd=self.gfid_fd)
         except FileNotFoundError:
-            return None
+            if not create:
+                return None
+            fd = _open_or_make_dir(key, self.gfid_fd, True)
         self._idx_dirs.put(key, fd)
         return fd
 

@@ -54,7 +54,7 @@ def gfid_of(path: Path) -> bytes | None:
 
 def index_path(root: Path, gfid: bytes) -> Path:
     h = hexname(gfid).decode()
-    return root / ".georep" / "gfid" / h[:2] / h[2:4] / h
+    return root / ".georep" / "gfid" / h[:3] / h
 
 
 def meta(mode=0o644, uid=0, gid=0, atime=T0, mtime=T1, **kw) -> dict:
