@@ -13,7 +13,6 @@ lead outside the root.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import resource
@@ -21,7 +20,7 @@ import stat
 from collections.abc import Mapping
 from typing import Any
 
-from fsops import xattrs
+from fsops import blocks, xattrs
 from fsops.constants import (
     ENTRY_TYPES,
     GFID_XATTR,
@@ -40,7 +39,6 @@ from fsops.constants import (
     is_root,
 )
 from fsops.secondary_index import (
-    LIBC,
     GfidIndex,
     NotFound,
     SecondaryError,
@@ -293,6 +291,24 @@ class SecondaryFS:
             return None
         return st
 
+    def _reusable(self, gfid: bytes, t: str, target: bytes | None, rdev: int) -> bool:
+        """Whether non-directory ``gfid`` exists in the index as a ``t`` that can be linked.
+
+        Same gfid but another symlink target or device number: a new object took the
+        identity (an unprivileged primary derives the gfid of symlinks and special files
+        from the inode number, which the filesystem may reuse).  The old object is not
+        that one: its index entry is dropped and the caller creates a new object.
+        """
+        st = self._index_obj(gfid, t)
+        if st is None:
+            return False
+        idx = self.index.idx_dir(gfid)
+        assert idx is not None
+        if self._same_kind(idx, hexname(gfid), st, t, target, rdev):
+            return True
+        self.index.remove(gfid)
+        return False
+
     def _find_dir(self, gfid: bytes) -> tuple[int, int, bytes] | None:
         """``(dir fd, parent fd, name)`` of live directory ``gfid``, None if unknown."""
         fd = self.index.dir_fd(gfid)
@@ -428,7 +444,7 @@ class SecondaryFS:
                 return "adopted"
             saved = _times(pfd)
             if t != T_DIR and not stat.S_ISDIR(st.st_mode) and cur != gfid \
-                    and self._index_obj(gfid, t) is not None:
+                    and self._reusable(gfid, t, target, rdev):
                 # Left in place: the link below replaces it atomically.
                 replaced = cur
             else:
@@ -438,7 +454,7 @@ class SecondaryFS:
                     self.index.remove(gfid)
                     self.index.forget_dir(gfid)
         before = saved if saved is not None else _times(pfd)
-        status = self._reuse(pfd, pgfid, name, gfid, t, replaced)
+        status = self._reuse(pfd, pgfid, name, gfid, t, replaced, target, rdev)
         if status is None:
             self._create(pfd, pgfid, name, gfid, t, target, rdev, data, meta)
             status = "created"
@@ -464,7 +480,8 @@ class SecondaryFS:
         return ist is not None and ist.st_ino != st.st_ino
 
     def _reuse(self, pfd: int, pgfid: bytes, name: bytes, gfid: bytes, t: str,
-               replaced: bytes | None) -> str | None:
+               replaced: bytes | None, target: bytes | None = None,
+               rdev: int = 0) -> str | None:
         """Bring existing object ``gfid`` to the (free or replaceable) name, if it exists."""
         if t == T_DIR:
             found = self._find_dir(gfid)
@@ -479,7 +496,7 @@ class SecondaryFS:
                 self._restore(spfd, stimes)
             self._restore(pfd, ttimes)
             return "renamed"
-        if self._index_obj(gfid, t) is None:
+        if not self._reusable(gfid, t, target, rdev):
             return None
         idx = self.index.idx_dir(gfid)
         assert idx is not None
@@ -535,6 +552,9 @@ class SecondaryFS:
             assert target is not None
             os.symlink(target, name, dir_fd=pfd)
         else:
+            if t in (T_CHR, T_BLK) and not is_root():
+                raise _err(errno.EPERM, "device nodes need root; the secondary runs "
+                                        "unprivileged")
             os.mknod(name, _MKNOD_FMT[t] | 0o600, rdev, dir_fd=pfd)
         self._set_gfid(pfd, name, gfid, t)
         st = os.stat(name, dir_fd=pfd, follow_symlinks=False)
@@ -862,9 +882,7 @@ class SecondaryFS:
 
     def commit(self) -> None:
         """Make everything applied so far durable (syncfs of the root's filesystem)."""
-        if LIBC.syncfs(ctypes.c_int(self.root_fd)) != 0:
-            err = ctypes.get_errno()
-            raise OSError(err, os.strerror(err))
+        blocks.syncfs(self.root_fd)
 
 
 def _label(op: object) -> object:

@@ -14,7 +14,6 @@ tampered index entry cannot make us touch anything outside the secondary root.
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import resource
@@ -24,6 +23,7 @@ from collections import OrderedDict
 
 from fsops import xattrs
 from fsops.constants import GFID_XATTR, LIMBO_GFID, META_DIR, NAME_MAX, ROOT_GFID, is_root
+from fsops.resolve import open_beneath
 
 GFID_DIR = b"gfid"
 LIMBO_DIR = b"limbo"
@@ -37,10 +37,6 @@ MAX_DEPTH = 4096
 _HEX = frozenset(b"0123456789abcdef")
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
-_SYS_OPENAT2 = 437
-_RESOLVE_NO_MAGICLINKS = 0x02
-_RESOLVE_NO_SYMLINKS = 0x04
-_RESOLVE_BENEATH = 0x08
 
 
 class SecondaryError(Exception):
@@ -86,46 +82,15 @@ def parse_dir_target(target: bytes) -> tuple[bytes, bytes] | None:
     return parent, name
 
 
-class _OpenHow(ctypes.Structure):
-    _fields_ = [("flags", ctypes.c_uint64), ("mode", ctypes.c_uint64),
-                ("resolve", ctypes.c_uint64)]
-
-
-LIBC = ctypes.CDLL(None, use_errno=True)
-_have_openat2 = True
-
-
 def open_dir_beneath(base_fd: int, path: bytes) -> int:
     """Open directory ``path`` under ``base_fd`` without following any symlink or ``..``.
 
-    openat2 with RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS lets the kernel enforce it in one
-    call; older kernels get a component-by-component O_NOFOLLOW walk instead.
+    The kernel enforces it (openat2 RESOLVE_BENEATH|RESOLVE_NO_SYMLINKS, or an O_NOFOLLOW
+    walk on old kernels): see :mod:`fsops.resolve`.
     """
-    global _have_openat2
-    if _have_openat2:
-        how = _OpenHow(os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, 0,
-                       _RESOLVE_BENEATH | _RESOLVE_NO_SYMLINKS | _RESOLVE_NO_MAGICLINKS)
-        fd = LIBC.syscall(_SYS_OPENAT2, ctypes.c_int(base_fd), ctypes.c_char_p(path),
-                           ctypes.byref(how), ctypes.c_size_t(ctypes.sizeof(how)))
-        if fd >= 0:
-            return int(fd)
-        err = ctypes.get_errno()
-        if err != errno.ENOSYS:
-            raise OSError(err, os.strerror(err))
-        _have_openat2 = False
-    cur = base_fd
-    try:
-        for comp in path.split(b"/"):
-            check_name(comp)
-            nxt = os.open(comp, _DIR_FLAGS, dir_fd=cur)
-            if cur != base_fd:
-                os.close(cur)
-            cur = nxt
-    except BaseException:
-        if cur != base_fd:
-            os.close(cur)
-        raise
-    return os.dup(cur) if cur == base_fd else cur
+    for comp in path.split(b"/"):
+        check_name(comp)
+    return open_beneath(base_fd, path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
 
 
 class FdCache:

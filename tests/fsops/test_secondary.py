@@ -605,8 +605,8 @@ def test_small_fd_cache_and_deep_tree(fs: SecondaryFS, root: Path) -> None:
 
 def test_resolution_without_openat2(root: Path, canary: Path,
                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    from fsops import secondary_index
-    monkeypatch.setattr(secondary_index, "_have_openat2", False)
+    from fsops import resolve
+    monkeypatch.setattr(resolve, "_have_openat2", False)  # the O_NOFOLLOW walk fallback
     a, b = G(), G()
     with SecondaryFS(bytes(root), create=True) as fs:
         ok(fs.apply_ops([ensure(R, b"a", a, "d"), ensure(a, b"b", b, "d")]))
