@@ -26,11 +26,13 @@ from collections.abc import Sequence
 
 import pykka
 
+from actors.engines import ENGINES, NATIVE, parse_rate
 from actors.ledger import Failure
 from actors.remote import ConnectError
 from actors.supervisor import Summary, Supervisor, SyncOptions
 from fsops.primary import PrimaryError
 from fsops.recorder import RecorderError
+from fsops.safety import SafetyStop
 from transport.endpoint import EndpointError
 
 EXIT_OK, EXIT_FAILURES, EXIT_ERROR = 0, 1, 2
@@ -79,7 +81,9 @@ def cmd_sync(a: argparse.Namespace) -> int:
     opts = SyncOptions(primary=a.primary, secondary=a.secondary, jobs=a.jobs,
                        retries=a.retries, timeout=a.timeout, session=a.session,
                        ssh_command=a.ssh_command, remote_command=a.remote_command,
-                       force=a.force, state_dir=a.state_dir)
+                       force=a.force, state_dir=a.state_dir, engine=a.engine,
+                       bwlimit=a.bwlimit, compress=a.compress,
+                       allow_empty_primary=a.allow_empty_primary)
     stop = threading.Event()
     if not a.once:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -100,7 +104,7 @@ def cmd_sync(a: argparse.Namespace) -> int:
                         continue
         finally:
             sup.stop()
-    except (PrimaryError, ConnectError, EndpointError, RecorderError) as e:
+    except (PrimaryError, ConnectError, EndpointError, RecorderError, SafetyStop) as e:
         print(f"georep-node sync: {e}", file=sys.stderr)
         return EXIT_ERROR
     finally:
@@ -144,6 +148,12 @@ def authorized_keys_line(public_key: str, root: str, remote_command: str) -> str
     return f'restrict,command="{command}" {" ".join(fields)}'
 
 
+def cmd_shell(a: argparse.Namespace) -> int:
+    from actors.shell import run_shell
+
+    return run_shell(a.name, socket_path=a.socket, command=a.command, state_root=a.state_dir)
+
+
 def cmd_ssh_key(a: argparse.Namespace) -> int:
     key = os.path.expanduser(a.key)
     private = key[:-4] if key.endswith(".pub") else key
@@ -175,6 +185,13 @@ def cmd_ssh_key(a: argparse.Namespace) -> int:
         return EXIT_ERROR
     print(line)
     return EXIT_OK
+
+
+def _rate(text: str) -> int:
+    try:
+        return parse_rate(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -220,9 +237,26 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--remote-command", default="georep-node", metavar="CMD",
                    help="how to run georep-node on the secondary host, as a shell command "
                    "(default: %(default)s, found in the remote PATH)")
+    s.add_argument("--allow-empty-primary", action="store_true",
+                   help="confirm that PRIMARY really is empty, or really moved to another "
+                   "device: without it, a primary root that vanished, is empty while the "
+                   "secondary is not, changed device or type stops the sync (exit 2; "
+                   "continuous mode: Faulty until the root is back) instead of deleting "
+                   "the secondary (docs/recovery.md)")
     s.add_argument("--force", action="store_true",
                    help="take over the secondary's session lock even when its holder is "
                    "alive (the holder exits); use only when that session is known dead")
+    s.add_argument("--engine", choices=ENGINES, default=NATIVE,
+                   help="how file data travels: native (georep's block delta on its own "
+                   "connection), rsync (rsync --inplace per batch of files, over its own ssh) "
+                   "or tarssh (tar | ssh tar -x --overwrite per batch); entries, gfids and "
+                   "meta always go through georep (default: %(default)s; docs/ssh.md)")
+    s.add_argument("--bwlimit", type=_rate, metavar="RATE",
+                   help="limit file data to RATE bytes/s for all transfers together; "
+                   "suffixes K, M, G (binary): 512K, 10M")
+    s.add_argument("--compress", action="store_true",
+                   help="ssh compression (-C): helps on slow links, costs CPU and "
+                   "throughput on fast ones")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.set_defaults(func=cmd_sync)
 
@@ -265,6 +299,27 @@ def build_parser() -> argparse.ArgumentParser:
     k.add_argument("--generate", action="store_true",
                    help="create the ed25519 key pair with ssh-keygen when it is missing")
     k.set_defaults(func=cmd_ssh_key)
+
+    from actors.opcli import add_operator_commands
+
+    add_operator_commands(sub)  # create, start, stop, status... (actors/opcli.py)
+
+    i = sub.add_parser(
+        "shell", help="inspect a running worker: its actors, batches, failures, resources",
+        description="Attach to a running worker through its control socket "
+        "(<state>/control.sock) and list the actors of the worker and of its secondary "
+        "host, show one actor, batches in flight, failures and resources, restart an "
+        "actor, pause or resume the session.  Interactive on a terminal (history, tab "
+        "completion); one command per line from a pipe.  Exit status with --command: 0 "
+        "done, 1 the command failed, 2 the worker cannot be reached.")
+    i.add_argument("name", nargs="?", metavar="NAME",
+                   help="session name or id, state directory or socket path (default: the "
+                   "only running session)")
+    i.add_argument("--command", "-c", metavar="CMD", help="run one command and exit")
+    i.add_argument("--socket", metavar="PATH", help="the control socket to attach to")
+    i.add_argument("--state-dir", metavar="DIR", help="where sessions keep their state "
+                   "(default: as for sync)")
+    i.set_defaults(func=cmd_shell)
     return p
 
 

@@ -18,6 +18,7 @@ when the journal covers the gap, and walks the tree (Hybrid Crawl) when it does 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -26,10 +27,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from actors.crawler import CrawlResult
-from actors.ledger import Ledger
+from actors.faults import fault
+from actors.ledger import Failure, Ledger
+from fsops import gfid as gfids
 from fsops import marks
+from fsops.constants import ROOT_GFID
 from fsops.dirmap import DirMap
 from fsops.journal import DATA, ENTRY, META, OVERFLOW, RENAME, START, STOP, Record
+from fsops.resolve import open_beneath
 
 log = logging.getLogger("georep.live")
 
@@ -37,6 +42,10 @@ HISTORY, HYBRID, CHANGELOG = "History Crawl", "Hybrid Crawl", "Changelog Crawl"
 
 #: A directory the map cannot place is retried this many rounds before a hybrid crawl.
 UNRESOLVED_ROUNDS = 5
+#: While idle, the safety stop (fsops/safety.py) is checked this often (seconds).
+SAFETY_INTERVAL = 3.0
+#: While idle, the ledger is asked this often whether a failed item is due for a retry.
+RETRY_POLL = 0.25
 
 
 @dataclass
@@ -89,7 +98,10 @@ class Follower:
                  dirmap: DirMap, tail: Any, root_fd: int, session: str,
                  hybrid: Callable[[], int], on_mode: Callable[[str], None],
                  timeout: float = 600.0, commit_interval: float = 1.0,
-                 idle: float = 0.03, max_wait: float = 0.1, max_records: int = 20000) -> None:
+                 idle: float = 0.03, max_wait: float = 0.1, max_records: int = 20000,
+                 paused: Callable[[], bool] | None = None,
+                 idle_mark_lag: float | None = None, idle_mark_interval: float = 2.0,
+                 safety: Callable[[], None] | None = None) -> None:
         self.crawler = crawler
         self.batcher = batcher
         self.channel = channel
@@ -108,9 +120,32 @@ class Follower:
         self.unresolved: dict[bytes, int] = {}
         self._last_commit = 0.0
         self._pending_mark = 0
+        #: Asked between rounds; while True, no round runs (the connection stays up).
+        self.paused = paused
+        #: True while the follower honours a pause.
+        self.is_paused = False
+        #: The round being applied (for status: its records are pending), and the last one.
+        self.current: Work | None = None
+        self.last_work: Work | None = None
+        #: When set: while the journal is caught up and everything handled is durable,
+        #: the marks advance to "now - idle_mark_lag" every ``idle_mark_interval`` s, so
+        #: a checkpoint completes on an idle brick.  The lag covers records the recorder
+        #: has read but not yet appended (its coalescing window is 20 ms).
+        self.idle_mark_lag = idle_mark_lag
+        self.idle_mark_interval = idle_mark_interval
+        self._last_idle_mark = 0.0
+        self._last_pause_check = 0.0
+        #: Raises fsops.safety.SafetyStop when the primary root looks unmounted or emptied.
+        self.safety = safety
+        self._last_safety = 0.0
+        self._last_retry_poll = 0.0
 
-    def _collect(self, stop: threading.Event) -> Work:
-        """Wait for records, then gather until they pause (``idle``) or ``max_wait``."""
+    def _collect(self, stop: threading.Event,
+                 on_idle: Callable[[], None] | None = None) -> Work:
+        """Wait for records, then gather until they pause (``idle``) or ``max_wait``.
+
+        ``on_idle`` is called while no record comes (the worker's heartbeat and mode).
+        """
         work = Work()
         first: float | None = None
         last_new = time.monotonic()
@@ -128,11 +163,33 @@ class Follower:
             if first is None and self._pending_mark and now - self._last_commit >= \
                     self.commit_interval:
                 break  # nothing new: still make the last round durable
+            if first is None and on_idle is not None:
+                on_idle()
+            if first is None and not recs and self.tail.caught_up:
+                self._idle_mark(now)
+            if first is None and now - self._last_retry_poll >= RETRY_POLL:
+                self._last_retry_poll = now
+                due = self.ledger.next_due()
+                if due is not None and due <= time.time():
+                    break  # a failed item is due for its retry
+            if first is None and self.safety is not None and \
+                    now - self._last_safety >= SAFETY_INTERVAL:
+                self._last_safety = now
+                self.safety()
+            if first is None and self.paused is not None and now - self._last_pause_check > 0.1:
+                self._last_pause_check = now
+                if self.paused():
+                    break
             time.sleep(0.005 if first is not None else 0.01)
         return work
 
     def round(self, work: Work) -> None:
-        """Re-check what ``work`` names, then move the marks."""
+        """Re-check what ``work`` names (and the failed items due for a retry), then move
+        the marks."""
+        if self.safety is not None:
+            self._last_safety = time.monotonic()
+            self.safety()
+        self.ledger.position_ns = marks.read_mark(self.root_fd, self.session, "stime") or 0
         if work.gap:
             log.warning("journal gap (%s): %s", work.gap, HYBRID)
             self.on_mode(HYBRID)
@@ -141,12 +198,22 @@ class Follower:
             self.unresolved.clear()
             return
         dirs = set(work.dirs) | set(self.unresolved)
-        if dirs or work.force:
+        force = set(work.force)
+        retry_only = self._take_retries(dirs, force)
+        if dirs or force:
             done: Future[CrawlResult] = Future()
-            self.crawler.recheck.defer(sorted(dirs), frozenset(work.force), done)
+            self.crawler.recheck.defer(sorted(dirs), frozenset(force), done)
             result = done.result(timeout=self.timeout)
             self.batcher.drain().get(timeout=self.timeout)
             self.channel.call("end_crawl", {}, timeout=self.timeout)
+            for g, items in retry_only.items():
+                if g in result.unresolved:
+                    result.unresolved.remove(g)
+                    for f in items:
+                        self.ledger.drop(f, "its directory is no longer on the primary")
+            # Taken-out items that did not fail again are done.
+            if self.ledger.settle():
+                log.info("failed items cleared after a retry")
             retry = {g: self.unresolved.get(g, 0) + 1 for g in result.unresolved}
             self.unresolved = {g: n for g, n in retry.items() if n <= UNRESOLVED_ROUNDS}
             if len(retry) != len(self.unresolved):
@@ -159,23 +226,108 @@ class Follower:
         self.ledger.count("live_records", work.records)
         self._maybe_commit()
 
+    def _take_retries(self, dirs: set[bytes], force: set[bytes]) -> dict[bytes, list[Failure]]:
+        """Failed items due for a retry: their directories join this round's re-checks.
+
+        One item at a time (its directory, resolved through the directory map by the
+        failure's pgfid, else by its path), never a whole batch nor a hybrid crawl.
+        Returns the directories re-checked only for retries, with their items.
+        """
+        only: dict[bytes, list[Failure]] = {}
+        for f in self.ledger.take_due():
+            d = self._retry_dir(f)
+            if d is None:
+                self.ledger.drop(f, "its directory is no longer on the primary")
+                continue
+            if d not in dirs:
+                only.setdefault(d, []).append(f)
+                dirs.add(d)
+            elif d in only:
+                only[d].append(f)
+            if f.gfid and f.kind == "data":
+                force.add(f.gfid)
+            if f.gfid and f.gfid != d and (f.gfid == ROOT_GFID
+                                           or self.dirmap.get(f.gfid) is not None):
+                dirs.add(f.gfid)  # a directory's own meta: re-check the directory itself
+        if only:
+            self.ledger.count("failure_retries", sum(len(v) for v in only.values()))
+        return only
+
+    def _retry_dir(self, f: Failure) -> bytes | None:
+        """The directory whose re-check retries ``f``, or None when it is gone."""
+        if f.pgfid is not None and (f.pgfid == ROOT_GFID or self.dirmap.get(f.pgfid)):
+            return f.pgfid
+        parent = f.path.rpartition(b"/")[0] if b"/" in f.path else b""
+        if not parent:
+            return ROOT_GFID
+        try:
+            fd = open_beneath(self.root_fd, parent, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError:
+            return f.pgfid if f.pgfid is not None and self.dirmap.get(f.pgfid) else None
+        try:
+            return gfids.read_gfid(fd, os.fstat(fd).st_ino)
+        finally:
+            os.close(fd)
+
+    def _idle_mark(self, now: float) -> None:
+        """Nothing is pending and the journal is caught up: move the marks to now - lag.
+
+        Only when every round handled is already durable (no pending mark), with no
+        failure and nothing unresolved; no ``commit`` is needed since nothing was applied
+        since the last one.
+        """
+        if (self.idle_mark_lag is None or self._pending_mark or self.unresolved
+                or now - self._last_idle_mark < self.idle_mark_interval):
+            return
+        self._last_idle_mark = now
+        ns = time.time_ns() - int(self.idle_mark_lag * 1e9)
+        cur = marks.read_mark(self.root_fd, self.session, "stime") or 0
+        if ns > cur:
+            self.ledger.flush()
+            fault("before_mark")
+            for which in ("entry_stime", "stime"):
+                marks.write_mark(self.root_fd, self.session, which, ns)
+
     def _maybe_commit(self, force: bool = False) -> None:
         now = time.monotonic()
-        if not self._pending_mark or self.unresolved or self.ledger.failures():
+        # Marks move past failed items (one bad file must not hold back the rest): the
+        # ledger keeps them, durably, before any mark passes them.
+        if not self._pending_mark or self.unresolved:
             return
         if not force and now - self._last_commit < self.commit_interval:
             return
         self.channel.call("commit", {}, timeout=self.timeout)
+        self.ledger.flush()
+        fault("before_mark")
         for which in ("entry_stime", "stime"):
             marks.write_mark(self.root_fd, self.session, which, self._pending_mark)
         self._last_commit = now
         self._pending_mark = 0
 
-    def follow(self, stop: threading.Event, on_round: Callable[[], None] | None = None) -> None:
-        """Rounds until ``stop`` is set; the last round is made durable before returning."""
+    def follow(self, stop: threading.Event, on_round: Callable[[], None] | None = None,
+               on_idle: Callable[[], None] | None = None) -> None:
+        """Rounds until ``stop`` is set; the last round is made durable before returning.
+
+        ``on_round`` runs after each round, ``on_idle`` while waiting for records (an idle
+        brick must still heartbeat the recorder and report the Changelog Crawl).
+        """
         while not stop.is_set():
-            work = self._collect(stop)
+            if self.paused is not None and self.paused():
+                if not self.is_paused:
+                    self._maybe_commit(force=True)
+                    log.warning("paused session=%s", self.session)
+                self.is_paused = True
+                if on_round is not None:
+                    on_round()
+                stop.wait(0.2)
+                continue
+            if self.is_paused:
+                self.is_paused = False
+                log.warning("resumed session=%s", self.session)
+            work = self._collect(stop, on_idle)
+            self.current = work
             self.round(work)
+            self.current, self.last_work = None, work
             if on_round is not None:
                 on_round()
         self._maybe_commit(force=True)

@@ -21,6 +21,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,17 +29,24 @@ from typing import Any
 import pykka
 
 from actors.batcher import Batcher
+from actors.control import Restarts, RoundStop, paused_check, start_control
 from actors.crawler import Crawler, CrawlResult
+from actors.engines import NATIVE, EngineSpec, TokenBucket
+from actors.faults import fault
+from actors.inspect import Inspectable
+from actors.ledger import FILE_NAME as LEDGER_FILE
 from actors.ledger import Failure, Ledger
 from actors.live import CHANGELOG, HISTORY, HYBRID, Follower
 from actors.recorder_host import ensure_recorder, heartbeat, journal_dir
 from actors.remote import ConnectError, RemoteProxy
 from actors.syncer import Syncer
 from fsops import marks
+from fsops.constants import ROOT_GFID
 from fsops.dirmap import DirMap, default_state_root
 from fsops.journal import JournalReader
 from fsops.journal_tail import JournalTail
 from fsops.primary import PrimaryTree
+from fsops.safety import SafetyStop, check_primary, check_root, primary_is_empty
 from transport import Channel
 from transport.endpoint import Endpoint, parse_secondary
 
@@ -46,6 +54,14 @@ log = logging.getLogger("georep.supervisor")
 
 #: Reconnect attempts after the connection drops in a pass (waits 1, 2, 4, 8, 16 s).
 RECONNECT_TRIES = 5
+#: Continuous mode: how often a Faulty worker (safety stop) looks at the primary again.
+SAFETY_RECHECK = 3.0
+#: Continuous mode: pipeline restarts after a dead or stuck actor wait 1, 2, 4... s up to this.
+RESTART_MAX_DELAY = 60.0
+
+
+class PipelineRestart(Exception):
+    """The watchdog found an actor dead or stuck: rebuild the pipeline from the marks."""
 
 
 @dataclass
@@ -67,6 +83,20 @@ class SyncOptions:
     state_dir: str | None = None
     #: Continuous mode: the recorder daemon stops after this long without a worker.
     recorder_linger: float = 600.0
+    #: Confirm that an empty (or re-mounted) primary root is wanted (fsops/safety.py).
+    allow_empty_primary: bool = False
+    #: Continuous mode: an actor busy with one message longer than this is stuck (watchdog).
+    busy_limit: float = 900.0
+    #: How file data travels: "native" (georep's block delta on the connection),
+    #: "rsync" or "tarssh" (one external process per batch; actors/engines.py).
+    engine: str = "native"
+    #: Bandwidth limit for file data in bytes/s (all Syncers together); None: none.
+    bwlimit: int | None = None
+    #: ssh compression (-C) for the connection and the engines' ssh.
+    compress: bool = False
+    #: Continuous mode: this worker's own state directory (journal, dirmap), used instead
+    #: of ``<state_dir>/sessions/<session>`` (the node gives each brick its own).
+    worker_state: str | None = None
 
 
 @dataclass
@@ -104,7 +134,7 @@ def session_id(primary: str, secondary: Endpoint) -> str:
     return hashlib.sha1(key, usedforsecurity=False).hexdigest()[:12]
 
 
-class Supervisor(pykka.ThreadingActor):
+class Supervisor(Inspectable, pykka.ThreadingActor):
     """Owns a worker's actors and runs sync passes."""
 
     def __init__(self, options: SyncOptions) -> None:
@@ -112,8 +142,59 @@ class Supervisor(pykka.ThreadingActor):
         self.options = options
         self.endpoint = parse_secondary(options.secondary)
         self.session = options.session or session_id(options.primary, self.endpoint)
-        self.ledger = Ledger()
+        #: Where the worker keeps state.json and failures.json (None: not writable).
+        self.state_dir = self._make_state_dir()
+        self.ledger = Ledger(os.path.join(self.state_dir, LEDGER_FILE)
+                             if self.state_dir else None)
+        #: Why the worker is Faulty (a safety stop, a dead or stuck actor); None when not.
+        self.faulty_reason: str | None = None
         self._remote: pykka.ActorRef[Any] | None = None
+        self._abort = threading.Event()
+        self._abort_reason = ""
+        self._bucket = TokenBucket(options.bwlimit) if options.bwlimit else None
+
+    def _ssh_command(self) -> str:
+        """The ssh client and options for the connection and the engines (-C: --compress)."""
+        o = self.options
+        return f"{o.ssh_command} -C" if o.compress else o.ssh_command
+
+    def _start_syncers(self, channel: Channel, primary: PrimaryTree) -> list[pykka.ActorRef[Any]]:
+        """The Syncer pool, with the data engine and the shared bandwidth limit."""
+        o = self.options
+        jobs = max(1, o.jobs)
+        engine = None
+        if o.engine != NATIVE:
+            engine = EngineSpec(o.engine, o.primary, self.endpoint, ssh_command=self._ssh_command(),
+                                bwlimit=o.bwlimit, jobs=jobs, bucket=self._bucket)
+        return [Syncer.start(channel, primary, self.ledger, timeout=o.timeout, engine=engine,
+                             bucket=self._bucket) for _ in range(jobs)]
+
+    def _make_state_dir(self) -> str | None:
+        path = self.state_path()
+        try:
+            os.makedirs(path, mode=0o700, exist_ok=True)
+        except OSError as e:
+            log.warning("no state directory %s (%s): failures are not kept across runs and "
+                        "the primary's device is not checked", path, e.strerror)
+            return None
+        return path
+
+    def _safety(self, primary: PrimaryTree | None, channel: Channel) -> None:
+        """The safety stop (fsops/safety.py): raises SafetyStop."""
+        o = self.options
+
+        def root_entries() -> int:
+            reply = channel.call("list_dir", {"gfid": ROOT_GFID}, timeout=o.timeout)
+            return len(reply["entries"])
+
+        def count() -> tuple[int, bool]:
+            r = channel.call("count", {}, timeout=o.timeout)
+            return int(r["entries"]), bool(r["complete"])
+
+        check_primary(os.path.abspath(o.primary), secondary_root_entries=root_entries,
+                      secondary_count=count, state_dir=self.state_dir,
+                      root_fd=primary.root_fd if primary is not None else None,
+                      allow_empty=o.allow_empty_primary)
 
     def run_once(self) -> Summary:
         """Make the secondary equal to the primary now; see the module docstring."""
@@ -123,13 +204,18 @@ class Supervisor(pykka.ThreadingActor):
         primary = PrimaryTree(os.fsencode(o.primary))
         try:
             self._connect()
+            self.ledger.position_ns = marks.read_mark(primary.root_fd, self.session,
+                                                      "stime") or 0
             transfer: dict[str, int] = {}
             for n in range(1 + o.retries):
                 if n:
                     log.info("retrying failed items pass=%d failures=%d", n + 1,
                              len(self.ledger.failures()))
-                    self.ledger.clear_failures()
+                # A full crawl re-derives every failure: one that does not come back
+                # (from this run or, through failures.json, from an earlier one) is fixed.
+                self.ledger.clear_failures()
                 started_ns, moved = self._pass_reconnecting(primary)
+                self.ledger.settle()
                 for k, v in moved.items():
                     transfer[k] = transfer.get(k, 0) + v
                 summary.passes = n + 1
@@ -140,6 +226,7 @@ class Supervisor(pykka.ThreadingActor):
             summary.counters = dict(self.ledger.counters)
             summary.failures = self.ledger.failures()
         finally:
+            self.ledger.flush()
             if self._remote is not None:
                 self._remote.stop()
             primary.close()
@@ -156,7 +243,7 @@ class Supervisor(pykka.ThreadingActor):
             self._remote = None
         identity = {"session": self.session, "primary": os.path.abspath(o.primary),
                     "host": socket.gethostname(), "force": o.force}
-        self._remote = RemoteProxy.start(self.endpoint, ssh_command=o.ssh_command,
+        self._remote = RemoteProxy.start(self.endpoint, ssh_command=self._ssh_command(),
                                          remote_command=o.remote_command, identity=identity)
         proxy = self._remote.proxy()
         proxy.connect().get(timeout=o.timeout)
@@ -175,6 +262,7 @@ class Supervisor(pykka.ThreadingActor):
         channel: Channel = self._remote.proxy().channel().get(timeout=o.timeout)
         tries = 0
         while True:
+            self._safety(primary, channel)
             started_ns = time.time_ns()
             try:
                 moved = self._one_pass(primary, channel)
@@ -210,8 +298,7 @@ class Supervisor(pykka.ThreadingActor):
         done: Future[CrawlResult] = Future()
         started: list[pykka.ActorRef[Any]] = []
         try:
-            syncer_refs = [Syncer.start(channel, primary, self.ledger, timeout=o.timeout)
-                           for _ in range(max(1, o.jobs))]
+            syncer_refs = self._start_syncers(channel, primary)
             started += syncer_refs
             syncers = [r.proxy() for r in syncer_refs]
             batcher_ref = Batcher.start(channel, self.ledger, syncers, credits, max_ops=o.max_ops)
@@ -234,6 +321,8 @@ class Supervisor(pykka.ThreadingActor):
                 ref.stop(block=True, timeout=o.timeout)
 
     def _write_marks(self, primary: PrimaryTree, started_ns: int, summary: Summary) -> None:
+        self.ledger.flush()  # a mark never passes a failure that is only in memory
+        fault("before_mark")
         for which in ("entry_stime", "stime"):
             marks.write_mark(primary.root_fd, self.session, which, started_ns)
             summary.marks[which] = started_ns
@@ -242,35 +331,87 @@ class Supervisor(pykka.ThreadingActor):
 
     def state_path(self) -> str:
         """The session's state directory (journal, directory map, logs)."""
+        if self.options.worker_state:
+            return self.options.worker_state
         root = self.options.state_dir or default_state_root()
         return os.path.join(root, "sessions", self.session)
 
-    def run_live(self, stop: threading.Event) -> Summary:
+    def run_live(self, stop: threading.Event, status: Any = None,
+                 paused: Callable[[], bool] | None = None) -> Summary:
         """Replicate continuously until ``stop`` is set; see actors/live.py.
 
         The recorder daemon is started first (or found running), so nothing that changes
         from now on escapes the journal.  A dropped connection restarts the whole worker
         pipeline after a backoff; it resumes from the marks (History Crawl).
+
+        ``status`` (optional, an ``actors.worker_status.LiveStatus``) is told what the
+        worker does, for its status file; ``paused`` (optional) is asked between rounds:
+        while it says True the worker replicates nothing but keeps its connection.
         """
         o = self.options
+        self._status = status
+        self._paused = paused
+        if status is not None:
+            status.attach(self.ledger)
         t0 = time.monotonic()
         summary = Summary(o.primary, str(self.endpoint))
         state = self.state_path()
-        primary = PrimaryTree(os.fsencode(o.primary))
+        # <root>/sessions/<session>/paused pauses the session: the shell and the CLI agree.
+        session_dir = os.path.join(o.state_dir or default_state_root(), "sessions", self.session)
+        self._paused = paused_check(session_dir, paused)
+        primary: PrimaryTree | None = None
         ensure_recorder(os.path.abspath(o.primary), state, linger=o.recorder_linger)
         dirmap = DirMap(os.path.join(state, "dirmap.db"))
+        self.restarts = Restarts()
+        control = start_control(self, state, self.restarts, session_dir)
         tries = 0
+        restarts = 0
+        last_reason = ""
         try:
             while not stop.is_set():
                 try:
-                    self._connect()
+                    if primary is None:
+                        check_root(os.path.abspath(o.primary), state_dir=self.state_dir,
+                                   allow_empty=o.allow_empty_primary)
+                        primary = PrimaryTree(os.fsencode(o.primary))
+                    if not self._keep_connection():
+                        self._connect()
                     tries = 0
-                    self._live(primary, dirmap, state, stop, summary)
+                    self.restarts.started()
+                    self._live(primary, dirmap, state, RoundStop(stop, self.restarts), summary)
+                    restarts = 0
                 except ConnectError:
                     raise
+                except SafetyStop as e:
+                    # Invariant 3: halt with the reason in status, come back by ourselves.
+                    if primary is not None:
+                        primary.close()
+                        primary = None
+                    self._stop_remote()
+                    self._wait_for_primary(str(e), stop)
                 except Exception as e:
                     channel_dead = self._remote is None or self._remote_closed()
-                    if not channel_dead or tries >= o.reconnects:
+                    reason = self._abort_reason if self._abort.is_set() else None
+                    if reason is None and (not channel_dead
+                                           or isinstance(e, pykka.ActorDeadError)):
+                        reason = f"an actor failed: {type(e).__name__}: {e}"
+                    if reason is not None:
+                        # Watchdog: a dead or stuck actor.  Rebuild the pipeline; it resumes
+                        # from the marks (History Crawl), and the ledger is on disk.
+                        self._abort.clear()
+                        self._abort_reason = ""
+                        self.faulty_reason = reason
+                        if reason != last_reason:
+                            log.error("restarting the pipeline: %s", reason, exc_info=e)
+                        else:
+                            log.warning("restarting the pipeline again: %s", reason)
+                        last_reason = reason
+                        self._stop_remote()
+                        self.ledger.count("pipeline_restarts")
+                        stop.wait(min(RESTART_MAX_DELAY, 2.0 ** restarts))
+                        restarts += 1
+                        continue
+                    if tries >= o.reconnects:
                         raise
                     delay = 2 ** tries
                     tries += 1
@@ -279,15 +420,81 @@ class Supervisor(pykka.ThreadingActor):
                     self.ledger.count("reconnects")
                     stop.wait(delay)
         finally:
-            if self._remote is not None:
-                self._remote.stop()
-                self._remote = None
+            if control is not None:
+                control.close()
+            self._stop_remote()
+            self.ledger.flush()
             dirmap.close()
-            primary.close()
+            if primary is not None:
+                primary.close()
         summary.counters = dict(self.ledger.counters)
         summary.failures = self.ledger.failures()
         summary.seconds = time.monotonic() - t0
         return summary
+
+    def _keep_connection(self) -> bool:
+        """True when a restart of the pipeline alone was asked for (actors/control.py)."""
+        scope = self.restarts.take()
+        if scope is not None:
+            log.warning("restart of the %s requested session=%s", scope, self.session)
+            self.ledger.count("restarts")
+        return scope == "pipeline" and self._remote is not None and not self._remote_closed()
+
+    def _stop_remote(self) -> None:
+        if self._remote is not None:
+            try:
+                self._remote.stop()
+            except pykka.ActorDeadError:
+                pass
+            self._remote = None
+
+    def _wait_for_primary(self, reason: str, stop: threading.Event) -> None:
+        """Faulty after a safety stop: look at the primary root every few seconds.
+
+        Returns when it looks right again (a directory, on the recorded device, not
+        empty) or when ``stop`` is set; the caller then rebuilds the pipeline, whose
+        first step is the full check again (the secondary's side included).
+        """
+        o = self.options
+        path = os.path.abspath(o.primary)
+        self.faulty_reason = reason
+        log.error("Faulty: %s", reason)
+        while not stop.wait(SAFETY_RECHECK):
+            try:
+                check_root(path, state_dir=self.state_dir, allow_empty=o.allow_empty_primary)
+                if o.allow_empty_primary or not primary_is_empty(path):
+                    break
+            except (SafetyStop, OSError):
+                continue
+        if not stop.is_set():
+            log.warning("primary root %s is back; resuming", path)
+
+    def _watchdog(self, started: list[pykka.ActorRef[Any]], channel: Channel,
+                  done: threading.Event) -> None:
+        """Thread: an actor dead, or busy with one message longer than ``busy_limit``,
+        aborts the pipeline (its channel is closed, which fails every wait on it)."""
+        limit = self.options.busy_limit
+
+        def abort(why: str) -> None:
+            if not self._abort.is_set():
+                self._abort_reason = why
+                self._abort.set()
+                log.error("watchdog: %s", why)
+                channel.close()
+
+        while not done.wait(1.0):
+            now = time.time()
+            for ref in list(started):
+                actor = getattr(ref, "_actor", None)
+                name = type(actor).__name__ if actor is not None else str(ref)
+                if not ref.is_alive():
+                    if not done.is_set():
+                        abort(f"actor {name} died")
+                    continue
+                current = getattr(actor, "_ins_current", None)
+                if current is not None and now - current[1] > limit:
+                    abort(f"actor {name} is stuck: busy with {current[0]} for "
+                          f"{now - current[1]:.0f} s (limit {limit:g} s)")
 
     def _remote_closed(self) -> bool:
         assert self._remote is not None
@@ -305,9 +512,12 @@ class Supervisor(pykka.ThreadingActor):
         credits = threading.Semaphore(64)
         started: list[pykka.ActorRef[Any]] = []
         jdir = journal_dir(state)
+        self._safety(primary, channel)
+        watch_done = threading.Event()
+        threading.Thread(target=self._watchdog, args=(started, channel, watch_done),
+                         name="watchdog", daemon=True).start()
         try:
-            syncer_refs = [Syncer.start(channel, primary, self.ledger, timeout=o.timeout)
-                           for _ in range(max(1, o.jobs))]
+            syncer_refs = self._start_syncers(channel, primary)
             started += syncer_refs
             batcher_ref = Batcher.start(channel, self.ledger, [r.proxy() for r in syncer_refs],
                                         credits, max_ops=o.max_ops)
@@ -335,19 +545,36 @@ class Supervisor(pykka.ThreadingActor):
                 self._set_mode(HYBRID, summary)
                 since = time.time_ns()
                 tail = JournalTail(jdir, since_ts=since)
+                self.ledger.position_ns = 0  # what the crawl finds may be of any age
                 hybrid()
                 channel.call("commit", {}, timeout=o.timeout)
-                if not self.ledger.failures():
-                    for which in ("entry_stime", "stime"):
-                        marks.write_mark(primary.root_fd, self.session, which, since)
+                # Marks move past failures: the ledger keeps them (durably) and the
+                # Follower retries them one by one.
+                self.ledger.flush()
+                fault("before_mark")
+                for which in ("entry_stime", "stime"):
+                    marks.write_mark(primary.root_fd, self.session, which, since)
+                if self._status is not None:
+                    self._status.synced()
             follower = Follower(crawler=crawler, batcher=batcher, channel=channel,
                                 ledger=self.ledger, dirmap=dirmap, tail=tail,
                                 root_fd=primary.root_fd, session=self.session, hybrid=hybrid,
                                 on_mode=lambda m: self._set_mode(m, summary),
-                                timeout=o.timeout)
+                                timeout=o.timeout, paused=self._paused,
+                                idle_mark_lag=None if self._status is None else 1.0,
+                                safety=lambda: self._safety(primary, channel))
+            self.follower = follower  # read by the control socket (pause acknowledged)
+            if self._status is not None:
+                self._status.connected(follower, batcher_ref, syncer_refs)
             last_beat = [0.0]
 
             def on_round() -> None:
+                self.faulty_reason = None
+                if self._status is not None:
+                    self._status.round_done(follower)
+                on_idle()
+
+            def on_idle() -> None:
                 if summary.counters.get("mode") != CHANGELOG and tail_idle(tail):
                     self._set_mode(CHANGELOG, summary)
                 now = time.monotonic()
@@ -355,9 +582,10 @@ class Supervisor(pykka.ThreadingActor):
                     heartbeat(state)
                     last_beat[0] = now
 
-            follower.follow(stop, on_round)
+            follower.follow(stop, on_round, on_idle)
             tail.close()
         finally:
+            watch_done.set()
             for ref in reversed(started):
                 ref.stop(block=True, timeout=o.timeout)
 
@@ -365,8 +593,13 @@ class Supervisor(pykka.ThreadingActor):
         if self.crawl_mode != mode:
             log.warning("crawl=%s session=%s", mode, self.session)
         self.crawl_mode = mode
+        if self._status is not None:
+            self._status.set_mode(mode, dict(self.ledger.counters))
 
     crawl_mode = ""
+    follower: Follower | None = None
+    _status: Any = None
+    _paused: Callable[[], bool] | None = None
 
 
 def tail_idle(tail: JournalTail) -> bool:
