@@ -18,6 +18,8 @@ from typing import Any
 
 import pykka
 
+from actors.faults import fault
+from actors.inspect import Inspectable
 from actors.ledger import Ledger
 from actors.reconcile import DataJob
 from transport import Channel
@@ -27,7 +29,7 @@ log = logging.getLogger("georep.batcher")
 _KIND = {"ensure": "entry", "delete": "entry", "rename": "entry", "meta": "meta"}
 
 
-class Batcher(pykka.ThreadingActor):
+class Batcher(Inspectable, pykka.ThreadingActor):
     """Cuts ordered batches of ops and sends them to the secondary's EntryApplier."""
 
     def __init__(self, channel: Channel, ledger: Ledger, syncers: list[Any],
@@ -100,14 +102,17 @@ class Batcher(pykka.ThreadingActor):
         except Exception as e:
             for op, path in zip(ops, paths, strict=True):
                 self.ledger.fail(_KIND[op["op"]], op["op"], path, op.get("gfid"),
-                                 getattr(e, "errno", None), f"batch failed: {e}")
+                                 getattr(e, "errno", None), f"batch failed: {e}",
+                                 pgfid=op.get("npgfid") or op.get("pgfid"))
             return
+        fault("after_entry_ops")
         counts: dict[str, int] = {}
         for op, path, res in zip(ops, paths, results, strict=True):
             status = res.get("s")
             if status == "error":
                 self.ledger.fail(_KIND[op["op"]], op["op"], path, op.get("gfid"),
-                                 res.get("errno"), res.get("message", "failed"))
+                                 res.get("errno"), res.get("message", "failed"),
+                                 pgfid=op.get("npgfid") or op.get("pgfid"))
                 continue
             key = "meta" if op["op"] == "meta" else str(status)
             counts[key] = counts.get(key, 0) + 1
@@ -115,6 +120,12 @@ class Batcher(pykka.ThreadingActor):
                 counts["inline_files"] = counts.get("inline_files", 0) + 1
                 counts["inline_bytes"] = counts.get("inline_bytes", 0) + len(op["data"])
         self.ledger.add_counts(counts)
+
+    def inspect_extra(self) -> dict[str, Any]:
+        """What waits here and on the wire (read from the inspecting thread: reads only)."""
+        return {"pending_ops": len(self._ops), "pending_bytes": self._bytes,
+                "pending_data_jobs": len(self._jobs), "pending_listings": len(self._listings),
+                "batches_unanswered": sum(1 for f in list(self._sent) if not f.done())}
 
     def drain(self, timeout: float = 3600.0) -> None:
         """Flush, wait for every batch reply, then for every Syncer to finish its queue."""

@@ -24,6 +24,8 @@ from typing import Any
 
 import pykka
 
+from actors.faults import check_read
+from actors.inspect import Inspectable
 from actors.ledger import Ledger
 from actors.reconcile import (
     DataJob,
@@ -72,7 +74,7 @@ class CrawlResult:
     unresolved: list[bytes]
 
 
-class Crawler(pykka.ThreadingActor):
+class Crawler(Inspectable, pykka.ThreadingActor):
     """Walks the primary brick and feeds the Batcher with what must change."""
 
     def __init__(self, primary: PrimaryTree, channel: Channel, batcher: Any, ledger: Ledger,
@@ -169,6 +171,12 @@ class Crawler(pykka.ThreadingActor):
         loc = self.dirmap.get(gfid) if self.dirmap else None
         return loc[0] if loc else ROOT_GFID
 
+    def inspect_extra(self) -> dict[str, Any]:
+        """The crawl in progress (read from the inspecting thread: reads only)."""
+        done = self.done
+        return {"crawling": done is not None and not done.done(), "stack": len(self.stack),
+                "mode": self.descend, "unresolved": len(self.unresolved)}
+
     def step(self) -> None:
         """Crawl one directory, then schedule the next."""
         if not self.stack:
@@ -215,7 +223,8 @@ class Crawler(pykka.ThreadingActor):
         try:
             entries, problems = self.primary.list_dir(fd, is_root=not sub.relpath)
             for name, reason in problems:
-                self.ledger.fail("entry", "scan", _join(sub.relpath, name), None, None, reason)
+                self.ledger.fail("entry", "scan", _join(sub.relpath, name), None, None, reason,
+                                 pgfid=d.gfid)
             remote = self._listing(todo)
             plan = plan_dir(d.gfid, sub.relpath, entries, remote, self.seen,
                             force_data=self.force_data)
@@ -236,6 +245,10 @@ class Crawler(pykka.ThreadingActor):
         if not self.credits.acquire(timeout=self.timeout):
             raise TimeoutError("the Batcher has not taken ops for too long")
         self.batcher.add.defer(ops, paths, plan.data, listings)
+        if self.descend == DESCEND_NEW and ops:
+            # Live: send this directory's ops now rather than after the whole re-check (a
+            # renamed directory's new name shows before its contents are compared).
+            self.batcher.flush.defer()
         self.stack.extend(reversed(todos))
 
     def _subdir_todos(self, plan: Plan) -> tuple[list[_Todo], list[tuple[bytes, Future[Any]]]]:
@@ -270,10 +283,11 @@ class Crawler(pykka.ThreadingActor):
         for i in plan.want_data:
             op = plan.ops[i]
             try:
+                check_read(_join(relpath, op["name"]))  # test-only fault point
                 data, st = _read_small(dir_fd, op["name"], op["gfid"])
             except OSError as e:
                 self.ledger.fail("data", "read", _join(relpath, op["name"]), op["gfid"],
-                                 e.errno, e.strerror or str(e))
+                                 e.errno, e.strerror or str(e), pgfid=op.get("pgfid"))
                 drop.append(i)
                 continue
             if data is None or st is None:

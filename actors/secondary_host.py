@@ -33,6 +33,8 @@ from typing import Any
 
 import pykka
 
+from actors.faults import fault
+from actors.inspect import Inspectable
 from fsops import blocks
 from fsops.secondary import NotFound as FsNotFound
 from fsops.secondary import SecondaryError as FsError
@@ -59,7 +61,9 @@ MAX_QUEUED = 128
 #: Files kept open between data requests.
 MAX_OPEN_DATA = 32
 
-_READ_ONLY = frozenset({"list_dir", "lookup", "stat_gfid", "ping"})
+#: Requests after which the ``secondary_after_apply`` fault point fires (actors/faults.py).
+_FAULTY = frozenset({"ops", "data_write", "data_finish", "end_crawl", "commit"})
+_READ_ONLY = frozenset({"list_dir", "lookup", "stat_gfid", "ping", "count", "inspect"})
 
 
 def _out_of_band(req: Request) -> bool:
@@ -113,7 +117,7 @@ class _Gate:
             return 0.0 if self._busy else time.monotonic() - self._last
 
 
-class _Worker(pykka.ThreadingActor):
+class _Worker(Inspectable, pykka.ThreadingActor):
     """Common part: run a request, send its reply from this actor's thread."""
 
     def __init__(self, conn: ServerConnection, slots: _Gate) -> None:
@@ -121,6 +125,13 @@ class _Worker(pykka.ThreadingActor):
         self.conn = conn
         self.slots = slots
         self.handled = 0
+
+    def inspect_name(self, message: Any) -> str:
+        """``handle`` messages are named by the request they carry (for the shell)."""
+        args = getattr(message, "args", None)
+        if args and isinstance(args[0], Request):
+            return args[0].method
+        return super().inspect_name(message)
 
     def handle(self, req: Request) -> None:
         """Run one request and reply; a failure is a reply, never the actor's death."""
@@ -132,6 +143,8 @@ class _Worker(pykka.ThreadingActor):
                     log.exception("%s failed", req.method)
                 self.conn.send_reply(req.id, error=_translate(exc))
             else:
+                if req.method in _FAULTY:
+                    fault("secondary_after_apply")
                 self.conn.send_reply(req.id, result)
         except ConnectionLost as exc:
             # Nobody can read our replies any more: what is applied is on disk and every
@@ -218,6 +231,35 @@ class Lister(_Worker):
 
     def do_ping(self, _a: dict[str, Any], _p: bytes | None) -> None:
         return None
+
+    def do_inspect(self, _a: dict[str, Any], _p: bytes | None) -> dict[str, Any]:
+        """This host's actors and resources (read without asking them: actors/inspect.py)."""
+        from actors.control import secondary_snapshot
+
+        return secondary_snapshot()
+
+    def do_count(self, a: dict[str, Any], _p: bytes | None) -> dict[str, Any]:
+        """Objects beneath the root (symlinks not followed, ``.georep`` excluded), up to
+        ``limit``; ``complete`` is False when the walk stopped there."""
+        return count_entries(self.fs.root_fd, a.get("limit", COUNT_LIMIT))
+
+
+#: Most objects ``count`` walks before it answers "at least this many".
+COUNT_LIMIT = 10_000_000
+
+
+def count_entries(root_fd: int, limit: int = COUNT_LIMIT) -> dict[str, Any]:
+    """Recursive count of the objects beneath an open root, without following symlinks."""
+    n = 0
+    for _dirpath, dirnames, filenames, _dfd in os.fwalk(".", dir_fd=root_fd,
+                                                        follow_symlinks=False):
+        if _dirpath == ".":
+            dirnames[:] = [d for d in dirnames if d != ".georep"]
+            filenames = [f for f in filenames if f != ".georep"]
+        n += len(dirnames) + len(filenames)
+        if n >= limit:
+            return {"entries": n, "complete": False}
+    return {"entries": n, "complete": True}
 
 
 def _die(line: str, status: int) -> None:

@@ -167,7 +167,7 @@ class PrimaryTree:
     def _entry(self, dir_fd: int, name: bytes) -> Entry:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         t = entry_type(st.st_mode)
-        gfid = gfids.ensure_gfid(name, st.st_ino, dir_fd=dir_fd)
+        gfid = gfids.ensure_gfid(name, st.st_ino, dir_fd=dir_fd, st=st)
         attrs: dict[bytes, bytes] = {}
         for xn in xattrs.names(name, dir_fd=dir_fd):
             if xattrs.replicated(xn):

@@ -258,6 +258,10 @@ METHODS: dict[str, Shape] = {
     "end_crawl": Shape({}),
     "commit": Shape({}),
     "ping": Shape({}),
+    #: The secondary host's actors and resources, for the inspection shell.
+    "inspect": Shape({}),
+    # Safety stop: how many objects the secondary holds (recursive, .georep excluded).
+    "count": Shape({}, {"limit": uint63}),
 }
 
 #: Methods whose request may carry a raw payload (file data).
