@@ -24,6 +24,7 @@ from typing import Any
 
 import pykka
 
+from actors.inspect import Inspectable
 from transport import Channel, spawn_local
 from transport.endpoint import Endpoint, local_host_argv, ssh_host_argv
 from transport.errors import ConnectionLost, HandshakeError, ProtocolError, RemoteError
@@ -100,7 +101,7 @@ def diagnose(endpoint: Endpoint, status: int | None, lines: list[str], reason: s
     return f"{reason} ({how}{said})"
 
 
-class RemoteProxy(pykka.ThreadingActor):
+class RemoteProxy(Inspectable, pykka.ThreadingActor):
     """Starts and owns one secondary host process and its channel."""
 
     def __init__(self, endpoint: Endpoint, *, ssh_command: str = "ssh",
@@ -201,6 +202,12 @@ class RemoteProxy(pykka.ThreadingActor):
         if self._channel is None:
             raise ConnectError("not connected")
         return self._channel
+
+    def inspect_extra(self) -> dict[str, Any]:
+        """The connection (read from the inspecting thread: reads only)."""
+        ch = self._channel
+        return {"endpoint": str(self.endpoint), "pid": self.process.pid if self.process else None,
+                "lost": self.lost_reason, **(ch.stats() if ch is not None else {})}
 
     def stats(self) -> dict[str, Any]:
         """Frames and bytes moved, and the host's pid."""

@@ -90,13 +90,13 @@ def remote_host_command(path: str, *, remote_command: str = "georep-node") -> st
     return f"{remote_command} secondary --root {shlex.quote(path)}"
 
 
-def ssh_host_argv(ep: Endpoint, *, ssh_command: str = "ssh",
-                  remote_command: str = "georep-node") -> list[str]:
-    """argv that starts the secondary host on ``ep.host`` over OpenSSH.
+def ssh_base_argv(ep: Endpoint, *, ssh_command: str = "ssh") -> list[str]:
+    """The ssh client, its options and georep's, port and user: everything but the host.
 
     BatchMode: never prompt (a prompt would hang a daemon); ConnectTimeout: fail fast on
     an unreachable host; ServerAliveInterval: notice a dead network path.  Options in
-    ``ssh_command`` come first, and OpenSSH keeps the first value it is given.
+    ``ssh_command`` come first, and OpenSSH keeps the first value it is given.  The data
+    engines (rsync ``-e``, tarssh) use the same prefix as the protocol connection.
     """
     argv = shlex.split(ssh_command)
     argv += ["-T", "-oBatchMode=yes", "-oConnectTimeout=15", "-oServerAliveInterval=15",
@@ -105,5 +105,11 @@ def ssh_host_argv(ep: Endpoint, *, ssh_command: str = "ssh",
         argv += ["-p", str(ep.port)]
     if ep.user:
         argv += ["-l", ep.user]
-    argv += ["--", ep.host or "", remote_host_command(ep.path, remote_command=remote_command)]
     return argv
+
+
+def ssh_host_argv(ep: Endpoint, *, ssh_command: str = "ssh",
+                  remote_command: str = "georep-node") -> list[str]:
+    """argv that starts the secondary host on ``ep.host`` over OpenSSH (see ssh_base_argv)."""
+    return [*ssh_base_argv(ep, ssh_command=ssh_command), "--", ep.host or "",
+            remote_host_command(ep.path, remote_command=remote_command)]

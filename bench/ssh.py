@@ -1,0 +1,284 @@
+"""georep over ssh next to rsync and a bare ssh pipe, in the same run, against one sshd.
+
+    python -m bench.ssh [--entries 20000] [--reps 3] [--big-mib 1024] [--workdir DIR]
+
+Starts a private OpenSSH server on 127.0.0.1 the way the tests do
+(``tests.support.sshd.start_sshd``: own host key, own client key, root login) and measures:
+
+1. ``tree``: the first sync of the ``tests.support.treegen`` tree (``--entries``) into an
+   empty remote directory, ``--reps`` times, tool order alternating: georep (native
+   engine, one ssh connection) vs ``rsync -aHAX --numeric-ids -e "ssh ..."`` (the issue's
+   reference) and ``rsync -aHAXS`` (with ``--sparse``).  georep's xattrs are stripped from
+   the primary before each of its runs (a true first sync).  Every georep copy is
+   compared with ``compare_trees`` (untimed).
+2. ``big``: one file of ``--big-mib`` MiB of random data (not sparse): georep native, and
+   for reference the rsync and tarssh engines, into an empty remote directory, vs
+   ``cat FILE | ssh HOST 'cat > /dev/null'`` (the ssh pipe's ceiling) and
+   ``cat FILE | ssh HOST 'cat > DEST'`` (the same, writing the file).  Throughput is
+   size / wall time of the whole command (process start, ssh handshake and final
+   ``commit`` included).
+
+All ssh commands use the same options (``SshServer.ssh_command()``: key, port, no host key
+checks).  Medians are reported; JSON goes to ``bench/results/ssh-<timestamp>.json`` and
+the table to the ``## Over ssh`` section of BENCHMARKS.md (between its markers).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import (
+    GEOREP_NODE,
+    BenchError,
+    Run,
+    fmt_ratio,
+    fmt_s,
+    log,
+    machine_info,
+    median,
+    rmtree,
+    strip_georep_xattrs,
+    timed,
+    update_section,
+    write_results,
+)
+from tests.support.compare import compare_trees
+from tests.support.sshd import REMOTE_COMMAND, SshServer, sshd_missing, start_sshd
+from tests.support.treegen import make_tree
+
+TREE_TOOLS = ("georep", "rsync", "rsync-S")
+BIG_TOOLS = ("georep", "ssh-cat-null", "ssh-cat-file", "georep-rsync", "georep-tarssh")
+
+
+def georep_cmd(server: SshServer, src: Path, dst: Path, *extra: str,
+               python: str = sys.executable, georep: str = str(GEOREP_NODE)) -> list[str]:
+    return [python, georep, "sync", str(src), f"{server.user}@{server.host}:{dst}", "--once",
+            "--json", "--ssh-command", server.ssh_command(), "--remote-command",
+            REMOTE_COMMAND, *extra]
+
+
+def rsync_cmd(server: SshServer, src: Path, dst: Path, sparse: bool) -> list[str]:
+    return ["rsync", "-aHAXS" if sparse else "-aHAX", "--numeric-ids", "-e",
+            server.ssh_command(), f"{src}/", f"{server.user}@{server.host}:{dst}/"]
+
+
+def cat_cmd(server: SshServer, src: Path, remote: str) -> list[str]:
+    pipe = (f"cat {shlex.quote(str(src))} | {server.ssh_command()} "
+            f"{server.user}@{server.host} {shlex.quote(remote)}")
+    return ["sh", "-c", pipe]
+
+
+def run_georep(tool: str, argv: list[str]) -> Run:
+    os.sync()
+    run = timed(tool, argv)
+    summary = json.loads(run.stdout)
+    if not summary.get("ok"):
+        raise BenchError(f"{tool} did not converge: {run.stdout[-3000:]}")
+    run.extra = {"georep_seconds": summary.get("seconds"), "counters": summary.get("counters"),
+                 "transfer": summary.get("transfer")}
+    return run
+
+
+def verify(src: Path, dst: Path, what: str) -> None:
+    diffs = compare_trees(src, dst)
+    if diffs:
+        raise BenchError(f"{what}: copy differs ({len(diffs)}):\n  " + "\n  ".join(diffs[:20]))
+    log(f"  verified {what}: identical")
+
+
+def report(what: str, run: Run, size: int | None = None) -> None:
+    rate = f", {size / run.seconds / 1e6:7.1f} MB/s" if size else ""
+    log(f"{what} {run.tool:14s} {run.seconds:7.2f} s wall, {run.cpu:6.2f} s cpu{rate}")
+
+
+def warm(path: Path) -> None:
+    """Read everything once so every tool starts with a warm page cache."""
+    os.system(f"tar -cf - -C {shlex.quote(str(path))} . | cat > /dev/null")
+
+
+def bench_tree(ns: argparse.Namespace, server: SshServer, work: Path,
+               result: dict[str, Any]) -> dict[str, list[Run]]:
+    src = work / "tree"
+    runs: dict[str, list[Run]] = {t: [] for t in TREE_TOOLS}
+    log(f"building the tree ({ns.entries} entries) in {src}")
+    result["tree"] = make_tree(src, entries=ns.entries)
+    warm(src)
+    for rep in range(ns.reps):
+        tools = TREE_TOOLS if rep % 2 == 0 else tuple(reversed(TREE_TOOLS))
+        for tool in tools:
+            dst = work / f"dst-{tool}"
+            rmtree(dst)
+            dst.mkdir()
+            if tool == "georep":
+                strip_georep_xattrs(src)
+                run = run_georep(tool, georep_cmd(server, src, dst))
+            else:
+                os.sync()
+                run = timed(tool, rsync_cmd(server, src, dst, sparse=tool == "rsync-S"))
+            runs[tool].append(run)
+            report(f"tree rep {rep + 1}/{ns.reps}", run)
+            if tool == "georep" and rep == 0:
+                verify(src, dst, "georep's first sync over ssh")
+    for tool in TREE_TOOLS:
+        rmtree(work / f"dst-{tool}")
+    rmtree(src)
+    return runs
+
+
+def bench_big(ns: argparse.Namespace, server: SshServer, work: Path,
+              result: dict[str, Any]) -> dict[str, list[Run]]:
+    src = work / "big"
+    src.mkdir()
+    big = src / "big.bin"
+    size = ns.big_mib << 20
+    log(f"writing {ns.big_mib} MiB of random data to {big}")
+    with open(big, "wb") as f:
+        for _ in range(ns.big_mib // 8):
+            f.write(os.urandom(8 << 20))
+    result["big_bytes"] = size
+    warm(src)
+    runs: dict[str, list[Run]] = {t: [] for t in BIG_TOOLS}
+    for rep in range(ns.reps):
+        tools = BIG_TOOLS if rep % 2 == 0 else tuple(reversed(BIG_TOOLS))
+        for tool in tools:
+            dst = work / f"bigdst-{tool}"
+            rmtree(dst)
+            dst.mkdir()
+            if tool.startswith("georep"):
+                strip_georep_xattrs(src)
+                engine = tool.split("-", 1)[1] if "-" in tool else "native"
+                run = run_georep(tool, georep_cmd(server, src, dst, "--engine", engine))
+                if rep == 0:
+                    verify(src, dst, f"{tool}: the big file")
+            else:
+                remote = "cat > /dev/null" if tool == "ssh-cat-null" else \
+                    f"cat > {shlex.quote(str(dst / 'big.bin'))}"
+                os.sync()
+                run = timed(tool, cat_cmd(server, big, remote))
+            runs[tool].append(run)
+            report(f"big  rep {rep + 1}/{ns.reps}", run, size)
+            rmtree(dst)
+    rmtree(src)
+    return runs
+
+
+def _med(runs: list[Run]) -> float | None:
+    return median([r.seconds for r in runs])
+
+
+def _cpu(runs: list[Run]) -> float | None:
+    return median([r.cpu for r in runs])
+
+
+def _mbs(size: int, secs: float | None) -> str:
+    return "-" if not secs else f"{size / secs / 1e6:.0f} MB/s"
+
+
+def render(result: dict[str, Any], tree: dict[str, list[Run]] | None,
+           big: dict[str, list[Run]] | None, results_path: str) -> str:
+    m = result["machine"]
+    out = [f"Generated by `python -m bench.ssh --entries {result['params']['entries']} "
+           f"--reps {result['params']['reps']} --big-mib {result['params']['big_mib']}` on "
+           f"{result['started']} (georep {m['georep_rev']}); raw numbers in "
+           f"`{results_path}` (not committed).",
+           "",
+           "One private sshd on 127.0.0.1 (tests/support/sshd.py), the same ssh options for "
+           "every tool (`ssh -F /dev/null -i KEY -p PORT -o StrictHostKeyChecking=no ...`, "
+           f"OpenSSH default cipher). Machine: {m['nproc']} CPUs ({m['cpu']}), "
+           f"{m['mem_gib']} GiB, {m['filesystem'].split()[0] if m['filesystem'] else '?'}, "
+           f"Python {m['python']}, {m['rsync']}. Medians of wall time; CPU = user + sys of "
+           "the command and its children (the ssh client and, for rsync, its local "
+           "processes; the remote side runs under sshd and is not counted, except "
+           "that on one machine it competes for the same 2 CPUs).",
+           ""]
+    if tree:
+        t = result["tree"]
+        g, r, rs = _med(tree["georep"]), _med(tree["rsync"]), _med(tree["rsync-S"])
+        out += [f"**Initial sync of the treegen tree** ({t['entries']} entries, "
+                f"{t['bytes'] / 2**20:.0f} MiB apparent incl. a 256 MiB sparse file), "
+                "into an empty remote directory:",
+                "",
+                "| n | georep (native) | rsync -aHAX | georep / rsync -aHAX | rsync -aHAXS | "
+                "georep / rsync -aHAXS | CPU here georep / rsync / rsync -S |",
+                "|---:|---:|---:|---:|---:|---:|---:|",
+                f"| {len(tree['georep'])} | {fmt_s(g)} | {fmt_s(r)} | {fmt_ratio(g, r)} | "
+                f"{fmt_s(rs)} | {fmt_ratio(g, rs)} | "
+                f"{_cpu(tree['georep']) or 0:.2f} / {_cpu(tree['rsync']) or 0:.2f} / "
+                f"{_cpu(tree['rsync-S']) or 0:.2f} s |",
+                ""]
+    if big:
+        size = result["big_bytes"]
+        ref = _med(big["ssh-cat-null"])
+        out += [f"**One {size >> 20} MiB file of random data** (not sparse), into an empty "
+                "remote directory (georep: whole command, start-up and commit included):",
+                "",
+                "| tool | n | wall | throughput | % of `cat \\| ssh 'cat > /dev/null'` |"
+                " CPU here |",
+                "|---|---:|---:|---:|---:|---:|"]
+        names = {"georep": "georep --engine native", "georep-rsync": "georep --engine rsync",
+                 "georep-tarssh": "georep --engine tarssh",
+                 "ssh-cat-null": "`cat FILE \\| ssh HOST 'cat > /dev/null'`",
+                 "ssh-cat-file": "`cat FILE \\| ssh HOST 'cat > DEST'`"}
+        for tool in ("georep", "ssh-cat-null", "ssh-cat-file", "georep-rsync",
+                     "georep-tarssh"):
+            s = _med(big[tool])
+            pct = "-" if not s or not ref else f"{ref / s * 100:.0f} %"
+            out.append(f"| {names[tool]} | {len(big[tool])} | {fmt_s(s)} | {_mbs(size, s)} | "
+                       f"{pct} | {_cpu(big[tool]) or 0:.2f} s |")
+        out.append("")
+    return "\n".join(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m bench.ssh", description=__doc__.split("\n")[0])
+    ap.add_argument("--entries", type=int, default=20000)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--big-mib", type=int, default=1024)
+    ap.add_argument("--workdir", help="parent of the scratch directory (default $TMPDIR)")
+    ap.add_argument("--skip-tree", action="store_true")
+    ap.add_argument("--skip-big", action="store_true")
+    ap.add_argument("--no-update-md", action="store_true")
+    ns = ap.parse_args(argv)
+    why = sshd_missing()
+    if why:
+        log(f"bench.ssh: {why}")
+        return 2
+    base = Path(ns.workdir) if ns.workdir else Path(tempfile.gettempdir())
+    work = Path(tempfile.mkdtemp(prefix="georep-bench-ssh-", dir=base))
+    result: dict[str, Any] = {"benchmark": "ssh", "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                              "params": {"entries": ns.entries, "reps": ns.reps,
+                                         "big_mib": ns.big_mib},
+                              "machine": machine_info(base)}
+    tree = big = None
+    try:
+        with start_sshd(work / "sshd") as server:
+            result["ssh_command"] = server.ssh_command()
+            if not ns.skip_tree:
+                tree = bench_tree(ns, server, work, result)
+            if not ns.skip_big:
+                big = bench_big(ns, server, work, result)
+    finally:
+        rmtree(work)
+    result["runs"] = {
+        "tree": {k: [r.as_dict() for r in v] for k, v in (tree or {}).items()},
+        "big": {k: [r.as_dict() for r in v] for k, v in (big or {}).items()},
+    }
+    path = write_results("ssh", result)
+    body = render(result, tree, big, str(path.relative_to(path.parents[2])))
+    print(body)
+    if not ns.no_update_md:
+        update_section("ssh", body, title="Over ssh")
+    log(f"results: {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
