@@ -210,6 +210,8 @@ class _Fanotify:
             st = os.fstat(fd)
             if stat.S_ISDIR(st.st_mode):
                 return self._dir(handle)
+            if gfids.xattrless(st.st_mode):
+                return gfids.derived_at(fd, st)
             # fgetxattr is EBADF on an O_PATH fd; the magic link reaches the object without
             # opening it (an open would break leases, e.g. Samba oplocks, and could block).
             try:
@@ -443,7 +445,7 @@ class _Inotify:
         try:
             if ev.name:
                 st = os.stat(ev.name, dir_fd=dfd, follow_symlinks=False)
-                g = gfids.read_gfid(ev.name, st.st_ino, dir_fd=dfd)
+                g = gfids.read_gfid(ev.name, st.st_ino, dir_fd=dfd, st=st)
                 if g is None:
                     emit(Record.entry(ts, w.gfid, ev.name))
                     return True
@@ -475,7 +477,7 @@ class _Inotify:
         if dfd is not None:
             try:
                 st = os.stat(ev.name, dir_fd=dfd, follow_symlinks=False)
-                g = gfids.read_gfid(ev.name, st.st_ino, dir_fd=dfd)
+                g = gfids.read_gfid(ev.name, st.st_ino, dir_fd=dfd, st=st)
             except OSError:
                 pass
         if src is None:

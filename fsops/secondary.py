@@ -38,6 +38,7 @@ from fsops.constants import (
     T_SYMLINK,
     is_root,
 )
+from fsops.gfid import xattrless
 from fsops.secondary_index import (
     GfidIndex,
     NotFound,
@@ -239,6 +240,8 @@ class SecondaryFS:
                  hint: bytes | None = None) -> bytes | None:
         """gfid of the object at ``name``; ``hint`` identifies xattr-less special files."""
         g = _raw_gfid(xattrs.get(name, GFID_XATTR, dir_fd=dir_fd))
+        if g is None and xattrless(st.st_mode):
+            g = self.index.ino_gfid(st)
         if g is None and hint is not None and not stat.S_ISDIR(st.st_mode):
             # As non-root, symlinks cannot carry the xattr: the index link identifies them.
             ist = self.index.lstat(hint)
@@ -758,6 +761,8 @@ class SecondaryFS:
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
                 g = _raw_gfid(xattrs.get(name, GFID_XATTR, dir_fd=fd))
+                if g is None and xattrless(st.st_mode):
+                    g = self.index.ino_gfid(st)
                 nlink = st.st_nlink
                 if g is not None and gfid != LIMBO_GFID:
                     nlink -= self._heal_index(fd, gfid, name, st, g)

@@ -5,6 +5,10 @@ Layout under ``<root>/.georep`` (see docs/protocol.md):
 - ``gfid/abc/<hex>`` (4,096 buckets): a hardlink for a non-directory; for a directory a
   symlink whose target is ``<parent gfid hex>/<name>``. Those symlinks are data, never
   followed.
+- ``gfid/abc/ino-<dev>-<ino>`` (unprivileged only): a symlink whose target is the hex
+  gfid of the xattr-less object (symlink or special file, which cannot carry ``user.*``
+  xattrs) with that inode, so listings can name it. Data, never followed; trusted only
+  when the gfid's index entry is that very inode.
 - ``limbo/<hex>``: directories evicted or deleted, purged when the crawl ends.
 - ``orphans``: concatenated 16-byte gfids whose last visible name went away.
 
@@ -23,6 +27,7 @@ from collections import OrderedDict
 
 from fsops import xattrs
 from fsops.constants import GFID_XATTR, LIMBO_GFID, META_DIR, NAME_MAX, ROOT_GFID, is_root
+from fsops.gfid import xattrless
 from fsops.resolve import open_beneath
 
 GFID_DIR = b"gfid"
@@ -286,7 +291,18 @@ class GfidIndex:
         os.rename(tmp, h, src_dir_fd=d, dst_dir_fd=d)
 
     def set_link(self, gfid: bytes, dir_fd: int, name: bytes, ino: int) -> None:
-        """Make the gfid's index entry a hardlink of ``name`` (inode ``ino``) in ``dir_fd``."""
+        """Make the gfid's index entry a hardlink of ``name`` (inode ``ino``) in ``dir_fd``.
+
+        Unprivileged, an object that cannot carry the gfid xattr also gets its inode
+        record, so that listings can name it.
+        """
+        self._set_link(gfid, dir_fd, name, ino)
+        if not is_root():
+            st = self.lstat(gfid)
+            if st is not None and st.st_ino == ino and xattrless(st.st_mode):
+                self.set_ino(gfid, st)
+
+    def _set_link(self, gfid: bytes, dir_fd: int, name: bytes, ino: int) -> None:
         d = self.idx_dir(gfid, create=True)
         assert d is not None
         h = hexname(gfid)
@@ -311,10 +327,69 @@ class GfidIndex:
         d = self.idx_dir(gfid)
         if d is None:
             return
+        if not is_root():
+            st = self.lstat(gfid)
+            if st is not None and xattrless(st.st_mode) and self.ino_gfid(st) == gfid:
+                self._drop_ino(st)
         try:
             os.unlink(hexname(gfid), dir_fd=d)
         except FileNotFoundError:
             pass
+
+    # -- inode records of xattr-less objects (unprivileged only) --------------------
+
+    def _ino_loc(self, st: os.stat_result, create: bool) -> tuple[int | None, bytes]:
+        key = b"%03x" % (st.st_ino & 0xFFF)
+        name = b"ino-%x-%x" % (st.st_dev, st.st_ino)
+        fd = self._idx_dirs.get(key)
+        if fd is None:
+            try:
+                fd = os.open(key, _DIR_FLAGS, dir_fd=self.gfid_fd)
+            except FileNotFoundError:
+                if not create:
+                    return None, name
+                fd = _open_or_make_dir(key, self.gfid_fd, True)
+            self._idx_dirs.put(key, fd)
+        return fd, name
+
+    def set_ino(self, gfid: bytes, st: os.stat_result) -> None:
+        """Record that the xattr-less object of inode ``st`` is ``gfid``."""
+        if self.ino_gfid(st) == gfid:
+            return
+        d, name = self._ino_loc(st, True)
+        assert d is not None
+        tmp = name + b".tmp"
+        try:
+            os.unlink(tmp, dir_fd=d)
+        except FileNotFoundError:
+            pass
+        os.symlink(hexname(gfid), tmp, dir_fd=d)
+        os.rename(tmp, name, src_dir_fd=d, dst_dir_fd=d)
+
+    def ino_gfid(self, st: os.stat_result) -> bytes | None:
+        """gfid recorded for the xattr-less object ``st``, if its index entry is that inode."""
+        d, name = self._ino_loc(st, False)
+        if d is None:
+            return None
+        try:
+            target = os.readlink(name, dir_fd=d)
+        except OSError:
+            return None
+        if len(target) != 32 or not _HEX.issuperset(target):
+            return None
+        gfid = bytes.fromhex(target.decode())
+        ist = self.lstat(gfid)
+        if ist is None or (ist.st_ino, ist.st_dev) != (st.st_ino, st.st_dev):
+            return None
+        return gfid
+
+    def _drop_ino(self, st: os.stat_result) -> None:
+        d, name = self._ino_loc(st, False)
+        if d is not None:
+            try:
+                os.unlink(name, dir_fd=d)
+            except FileNotFoundError:
+                pass
 
     # -- directories ---------------------------------------------------------------
 

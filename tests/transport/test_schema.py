@@ -20,6 +20,7 @@ VALID_ARGS: dict[str, dict[str, Any]] = {
     "list_dir": {"gfid": G1},
     "stat_gfid": {"gfid": G1},
     "lookup": {"gfids": [G1, G1]},
+    "count": {"limit": 1000},
     "data_sigs": {"gfid": G1, "offset": 0, "length": 64 << 20, "block": 1 << 17},
     "data_write": {"gfid": G1, "offset": 4096},
     "data_hole": {"gfid": G1, "offset": 0, "length": 10},
@@ -27,6 +28,7 @@ VALID_ARGS: dict[str, dict[str, Any]] = {
     "end_crawl": {},
     "commit": {},
     "ping": {},
+    "inspect": {},
 }
 
 VALID_OPS: list[dict[str, Any]] = [
