@@ -7,10 +7,11 @@ Secondary side: :mod:`actors.secondary_host` (EntryApplier and Lister actors).
 
 from actors.batcher import Batcher
 from actors.crawler import Crawler
+from actors.inspect import Inspectable, snapshot_actors
 from actors.ledger import Failure, Ledger
 from actors.remote import ConnectError, RemoteProxy
 from actors.supervisor import Summary, Supervisor, SyncOptions
 from actors.syncer import Syncer
 
-__all__ = ["Batcher", "ConnectError", "Crawler", "Failure", "Ledger", "RemoteProxy",
-           "Summary", "Supervisor", "Syncer", "SyncOptions"]
+__all__ = ["Batcher", "ConnectError", "Crawler", "Failure", "Inspectable", "Ledger",
+           "RemoteProxy", "Summary", "Supervisor", "Syncer", "SyncOptions", "snapshot_actors"]
