@@ -293,9 +293,13 @@ class Crawler(Inspectable, pykka.ThreadingActor):
             if data is None or st is None:
                 drop.append(i)  # replaced or removed since listed: seen by the next pass
                 continue
-            if len(data) > INLINE_HARD_MAX:
-                # It grew since we listed it: send it as a data job after its ensure.
+            if len(data) > INLINE_HARD_MAX or st.st_blocks * 512 < st.st_size:
+                # It grew since we listed it, or it has holes (inline data would fill them):
+                # the data path sends its extents after the ensure, then applies its meta.
+                # The ensure must not carry the meta: an mtime set before the data would
+                # make a kept file look already up to date.
                 plan.data.append(DataJob(_refresh(op, st), _join(relpath, op["name"]), None, i))
+                op.pop("meta", None)
                 continue
             op["data"] = data
             op["meta"]["mtime"], op["meta"]["atime"] = st.st_mtime_ns, st.st_atime_ns

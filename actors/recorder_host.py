@@ -42,6 +42,42 @@ def register_worker(state: str) -> None:
     os.replace(tmp, path)
 
 
+def add_worker_pid(state: str, pid: int) -> None:
+    """Also ignore ``pid``'s I/O: a local secondary host writing on the same filesystem.
+
+    The fanotify mark covers the whole filesystem; dropping that host's events by pid
+    (checked first, before any path is resolved) keeps its writes out of the queue work.
+    """
+    path = os.path.join(state, WORKERS_FILE)
+    pids = _read_workers(path) | {os.getpid(), pid}
+    tmp = f"{path}.{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.write("".join(f"{p}\n" for p in sorted(pids)))
+    os.replace(tmp, path)
+
+
+class Heartbeat:
+    """Heartbeats from a thread, so a long hybrid crawl does not let the recorder linger out."""
+
+    def __init__(self, state: str, interval: float = 10.0) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(state, interval),
+                                        name="georep-heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self, state: str, interval: float) -> None:
+        while not self._stop.wait(interval):
+            try:
+                heartbeat(state)
+            except OSError as e:
+                log.warning("recorder heartbeat failed: %s", e)
+
+    def stop(self) -> None:
+        """End the heartbeats."""
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+
 def heartbeat(state: str) -> None:
     """Keep the recorder alive (it lingers only so long without a heartbeat)."""
     path = os.path.join(state, WORKERS_FILE)

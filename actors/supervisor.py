@@ -37,7 +37,13 @@ from actors.inspect import Inspectable
 from actors.ledger import FILE_NAME as LEDGER_FILE
 from actors.ledger import Failure, Ledger
 from actors.live import CHANGELOG, HISTORY, HYBRID, Follower
-from actors.recorder_host import ensure_recorder, heartbeat, journal_dir
+from actors.recorder_host import (
+    Heartbeat,
+    add_worker_pid,
+    ensure_recorder,
+    heartbeat,
+    journal_dir,
+)
 from actors.remote import ConnectError, RemoteProxy
 from actors.syncer import Syncer
 from fsops import marks
@@ -361,6 +367,7 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
         self._paused = paused_check(session_dir, paused)
         primary: PrimaryTree | None = None
         ensure_recorder(os.path.abspath(o.primary), state, linger=o.recorder_linger)
+        beats = Heartbeat(state)
         dirmap = DirMap(os.path.join(state, "dirmap.db"))
         self.restarts = Restarts()
         control = start_control(self, state, self.restarts, session_dir)
@@ -376,6 +383,10 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
                         primary = PrimaryTree(os.fsencode(o.primary))
                     if not self._keep_connection():
                         self._connect()
+                        if self.endpoint.is_local and self._remote is not None:
+                            pid = self._remote.proxy().stats().get(timeout=o.timeout)["pid"]
+                            if pid:
+                                add_worker_pid(state, pid)
                     tries = 0
                     self.restarts.started()
                     self._live(primary, dirmap, state, RoundStop(stop, self.restarts), summary)
@@ -420,6 +431,7 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
                     self.ledger.count("reconnects")
                     stop.wait(delay)
         finally:
+            beats.stop()
             if control is not None:
                 control.close()
             self._stop_remote()

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 FAN_CLOEXEC = 0x1
+FAN_UNLIMITED_QUEUE = 0x10
 FAN_NONBLOCK = 0x2
 FAN_CLASS_NOTIF = 0x0
 FAN_REPORT_FID = 0x200

@@ -47,6 +47,19 @@ _READ_SIZE = 1 << 18
 _STALE = (errno.ESTALE, errno.ENOENT, errno.ENOTDIR, errno.ELOOP)
 
 
+def _queue_flag() -> int:
+    """FAN_UNLIMITED_QUEUE unless GEOREP_RECORDER_BOUNDED_QUEUE=1.
+
+    The mark covers the whole filesystem, so a secondary (or anything else) writing on the
+    same filesystem fills the queue too; at the default 16,384 events a burst overflows it
+    and forces a hybrid crawl, which writes more: a loop on a busy machine.  The unlimited
+    queue (root only, which fanotify needs anyway) trades kernel memory for no overflow;
+    the bounded one is kept for tests that provoke an overflow on purpose.
+    """
+    return 0 if os.environ.get("GEOREP_RECORDER_BOUNDED_QUEUE") == "1" else \
+        fan.FAN_UNLIMITED_QUEUE
+
+
 class RecorderError(Exception):
     """The recorder cannot watch the brick (no fanotify and no inotify, brick missing)."""
 
@@ -118,7 +131,7 @@ class _Fanotify:
             collections.OrderedDict())
         self.gen = 0
         self.root_handle = fan.name_to_handle_at(brick.root)
-        self.fd = fan.init(_FAN_INIT)
+        self.fd = fan.init(_FAN_INIT | _queue_flag())
         try:
             fan.mark(self.fd, fan.FAN_MARK_ADD | fan.FAN_MARK_FILESYSTEM, _FAN_MASK, brick.root)
         except OSError:

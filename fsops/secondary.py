@@ -101,11 +101,15 @@ def _pread_all(fd: int, n: int) -> bytes:
     return b"".join(parts)
 
 
-def _write_all(fd: int, data: bytes) -> None:
+def _pwrite_all(fd: int, data: bytes) -> None:
     mv = memoryview(data)
     off = 0
     while off < len(mv):
         off += os.pwrite(fd, mv[off:], off)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    _pwrite_all(fd, data)
     os.ftruncate(fd, len(data))
 
 
@@ -456,14 +460,16 @@ class SecondaryFS:
                     # Same identity, other kind of object: that identity is not reusable.
                     self.index.remove(gfid)
                     self.index.forget_dir(gfid)
-        before = saved if saved is not None else _times(pfd)
-        status = self._reuse(pfd, pgfid, name, gfid, t, replaced, target, rdev)
+        # The parent's times are read only when they will be restored: a plain create
+        # leaves them to the parent's own meta op (no fstat on the hot path).
+        status, taken = self._reuse(pfd, pgfid, name, gfid, t, replaced, target, rdev)
         if status is None:
             self._create(pfd, pgfid, name, gfid, t, target, rdev, data, meta)
             status = "created"
         else:
             self._finish(pfd, name, t, meta, data)
-        if saved is not None or status != "created":
+        before = saved if saved is not None else taken
+        if before is not None:
             self._restore(pfd, before)
         return status
 
@@ -484,12 +490,16 @@ class SecondaryFS:
 
     def _reuse(self, pfd: int, pgfid: bytes, name: bytes, gfid: bytes, t: str,
                replaced: bytes | None, target: bytes | None = None,
-               rdev: int = 0) -> str | None:
-        """Bring existing object ``gfid`` to the (free or replaceable) name, if it exists."""
+               rdev: int = 0) -> tuple[str | None, Times | None]:
+        """Bring existing object ``gfid`` to the (free or replaceable) name, if it exists.
+
+        Returns the status (None: nothing to reuse, pfd untouched) and the times of
+        ``pfd`` read just before it was changed, for the caller to restore.
+        """
         if t == T_DIR:
             found = self._find_dir(gfid)
             if found is None:
-                return None
+                return None, None
             _, spfd, sname = found
             ttimes = _times(pfd)
             stimes = _times(spfd)
@@ -498,11 +508,12 @@ class SecondaryFS:
             if spfd != pfd:
                 self._restore(spfd, stimes)
             self._restore(pfd, ttimes)
-            return "renamed"
+            return "renamed", ttimes
         if not self._reusable(gfid, t, target, rdev):
-            return None
+            return None, None
         idx = self.index.idx_dir(gfid)
         assert idx is not None
+        ttimes = _times(pfd)
         tmp = _TMP_PREFIX + new_gfid().hex().encode()
         os.link(hexname(gfid), tmp, src_dir_fd=idx, dst_dir_fd=pfd, follow_symlinks=False)
         try:
@@ -515,7 +526,7 @@ class SecondaryFS:
                 os.unlink(tmp, dir_fd=pfd)
             except FileNotFoundError:
                 pass
-        return "linked"
+        return "linked", ttimes
 
     def _create(self, pfd: int, pgfid: bytes, name: bytes, gfid: bytes, t: str,
                 target: bytes | None, rdev: int, data: bytes | None,
@@ -530,9 +541,12 @@ class SecondaryFS:
                          | os.O_CLOEXEC, 0o600, dir_fd=pfd)
             try:
                 xattrs.set(fd, GFID_XATTR, gfid)
-                self.index.set_link(gfid, pfd, name, os.fstat(fd).st_ino)
+                # The inode number is only needed if the index entry is taken: read from
+                # the fd then (set_link), not by an fstat per created file.
+                self.index.set_link(gfid, pfd, name, None, fd=fd)
                 if data:
-                    _write_all(fd, data)
+                    # A new, empty file: writing the data gives it exactly its size.
+                    _pwrite_all(fd, data)
                 if meta:
                     self.apply_meta_fd(fd, meta)
             finally:

@@ -290,19 +290,26 @@ class GfidIndex:
         os.symlink(target, tmp, dir_fd=d)
         os.rename(tmp, h, src_dir_fd=d, dst_dir_fd=d)
 
-    def set_link(self, gfid: bytes, dir_fd: int, name: bytes, ino: int) -> None:
+    def set_link(self, gfid: bytes, dir_fd: int, name: bytes, ino: int | None, *,
+                 fd: int | None = None) -> None:
         """Make the gfid's index entry a hardlink of ``name`` (inode ``ino``) in ``dir_fd``.
 
-        Unprivileged, an object that cannot carry the gfid xattr also gets its inode
-        record, so that listings can name it.
+        ``ino`` may be None when ``fd`` is the object's open fd: the inode number is then
+        read from it only if needed (saves an fstat per created file).  Unprivileged, an
+        object that cannot carry the gfid xattr also gets its inode record, so that
+        listings can name it.
         """
-        self._set_link(gfid, dir_fd, name, ino)
+        if ino is None and not is_root():
+            assert fd is not None
+            ino = os.fstat(fd).st_ino
+        self._set_link(gfid, dir_fd, name, ino, fd)
         if not is_root():
             st = self.lstat(gfid)
             if st is not None and st.st_ino == ino and xattrless(st.st_mode):
                 self.set_ino(gfid, st)
 
-    def _set_link(self, gfid: bytes, dir_fd: int, name: bytes, ino: int) -> None:
+    def _set_link(self, gfid: bytes, dir_fd: int, name: bytes, ino: int | None,
+                  fd: int | None = None) -> None:
         d = self.idx_dir(gfid, create=True)
         assert d is not None
         h = hexname(gfid)
@@ -311,6 +318,9 @@ class GfidIndex:
             return
         except FileExistsError:
             pass
+        if ino is None:
+            assert fd is not None
+            ino = os.fstat(fd).st_ino
         st = os.stat(h, dir_fd=d, follow_symlinks=False)
         if st.st_ino == ino:
             return

@@ -58,6 +58,8 @@ class _Sender:
         self.max_write = max_write
         self.timeout = timeout
         self.pending: deque[concurrent.futures.Future] = deque()
+        #: The primary file's size: a hole reaching it is punched past it (see _punch).
+        self.size = -1
         # Coalescing runs [start, end) of blocks still to write / to punch.
         self.w_start = self.w_end = 0
         self.h_start = self.h_end = 0
@@ -68,8 +70,24 @@ class _Sender:
         self.pending.append(self.rpc(method, args, payload))
 
     def send_range(self, offset: int, length: int) -> None:
-        """Read ``[offset, offset+length)`` and send it as data_writes of <= max_write bytes."""
+        """Send ``[offset, offset+length)``: its data extents as data_writes of <= max_write
+        bytes, and the holes between them as data_holes, so a changed block of a sparse
+        file keeps its holes on the secondary (a hole never travels as zeros)."""
         end = offset + length
+        for start, n in list(data_extents(self.fd, end, start=offset)):
+            if start > offset:
+                self._punch(offset, start - offset)
+            self._send_data(start, start + n)
+            offset = start + n
+        if offset < end:
+            self._punch(offset, end - offset)
+
+    def _punch(self, offset: int, length: int) -> None:
+        self._submit("data_hole", {"gfid": self.gfid, "offset": offset, "length": _past_eof(
+            offset, length, self.size)}, None)
+        self.stats.holes_punched += 1
+
+    def _send_data(self, offset: int, end: int) -> None:
         while offset < end:
             data = os.pread(self.fd, min(self.max_write, end - offset), offset)
             if not data:
@@ -104,7 +122,8 @@ class _Sender:
 
     def flush_hole(self) -> None:
         if self.h_end > self.h_start:
-            args = {"gfid": self.gfid, "offset": self.h_start, "length": self.h_end - self.h_start}
+            args = {"gfid": self.gfid, "offset": self.h_start,
+                    "length": _past_eof(self.h_start, self.h_end - self.h_start, self.size)}
             self._submit("data_hole", args, None)
             self.stats.holes_punched += 1
         self.h_start = self.h_end = 0
@@ -121,6 +140,22 @@ class _Sender:
                     first = e
         if first is not None:
             raise first
+
+
+#: How far past the end of file a tail hole is punched.
+_TAIL = 1 << 20
+
+
+def _past_eof(offset: int, length: int, size: int) -> int:
+    """Length of a hole punch, extended past EOF when the hole reaches it.
+
+    Punching only up to a size that is not block-aligned zeroes the last, partial block
+    but keeps it allocated; punching past EOF (the secondary punches with KEEP_SIZE, and
+    data_finish sets the size) frees it, as a truncate-then-extend freed it on the primary.
+    """
+    if size >= 0 and offset + length >= size:
+        return length + _TAIL
+    return length
 
 
 def _in_hole(extents: list[tuple[int, int]], ei: int, start: int, end: int) -> tuple[bool, int]:
@@ -159,6 +194,7 @@ def push_file(
     st0 = os.fstat(fd)
     size = st0.st_size
     sender = _Sender(rpc, gfid, fd, stats, max_write, timeout)
+    sender.size = size
     if not remote_size:
         for off, length in data_extents(fd, size):
             sender.send_range(off, length)

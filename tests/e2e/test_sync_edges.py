@@ -102,3 +102,22 @@ def test_item_that_cannot_be_synced_is_listed_and_exit_is_nonzero(small: Path,
     out = sync_once(small, sec)
     assert out["ok"]
     assert compare_trees(small, sec) == []
+
+
+def test_small_sparse_files_keep_their_holes(tmp_path: Path) -> None:
+    p, s = tmp_path / "p", tmp_path / "s"
+    p.mkdir()
+    fd = os.open(p / "holey", os.O_CREAT | os.O_WRONLY, 0o644)
+    os.pwrite(fd, b"x" * 100, 40_000)  # data in the middle of a 60 KB file: holes around it
+    os.ftruncate(fd, 60_000)
+    os.close(fd)
+    with open(p / "all-hole", "wb") as f:
+        f.truncate(30_000)
+    sync_once(p, s)
+    assert compare_trees(p, s) == []  # includes the sparseness check
+    fd = os.open(p / "holey", os.O_WRONLY)
+    os.pwrite(fd, b"y" * 10, 100)  # a change in the first block, which is otherwise a hole
+    os.close(fd)
+    out = sync_once(p, s)
+    assert out["transfer"]["bytes_sent"] <= 8192  # two 4 KiB data extents, never the holes
+    assert compare_trees(p, s) == []

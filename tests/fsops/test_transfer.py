@@ -417,3 +417,16 @@ def test_property_sparse_4k(
         s, d, [(o * p, n * p) for o, n in holes], block=p, window=3 * p, max_write=2 * p, full=False
     )
     assert stats.files == 1
+
+
+def test_delta_frees_a_tail_block_that_became_a_hole(tmp_path: Path) -> None:
+    """Truncate down then extend on the primary frees the last, partial block; so must we."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    data = os.urandom(12_000)
+    src.write_bytes(data)
+    dst.write_bytes(data)
+    os.truncate(src, 8192)  # frees the third 4 KiB block ...
+    os.truncate(src, 9652)  # ... and extending leaves [8192, 9652) a hole
+    _push(src, dst)
+    assert dst.read_bytes() == src.read_bytes()
+    assert os.stat(dst).st_blocks <= os.stat(src).st_blocks

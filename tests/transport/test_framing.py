@@ -221,3 +221,22 @@ def test_round_trip_random_bodies(body: dict, payload: bytes | None) -> None:
         assert "deeper" in str(exc)
         return
     assert got == (body, payload)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.dictionaries(st.text(max_size=4), values, max_size=4), st.integers(1, 8))
+def test_decode_depth_check_is_check_depth(body: dict, max_depth: int) -> None:
+    from transport.framing import check_depth, decode_body
+
+    raw = msgpack.packb(body, use_bin_type=True)
+    try:
+        check_depth(body, max_depth)
+        expected = None
+    except ProtocolError as exc:
+        expected = str(exc)
+    try:
+        decode_body(raw, max_depth=max_depth)
+        got = None
+    except ProtocolError as exc:
+        got = str(exc)
+    assert got == expected

@@ -184,3 +184,91 @@ def test_random_ops_only_schema_errors(ops: list[Any]) -> None:
         validate_request("ops", {"ops": ops})
     except SchemaError:
         pass
+
+
+# -- the ensure fast path accepts exactly what the generic check accepts -------------------
+
+def _generic_check_op(op: Any) -> str | None:
+    """check_op without the fast path: the declarative OPS shape alone."""
+    from transport.schema import OPS
+
+    if type(op) is not dict:
+        return f"must be a map, not {type(op).__name__}"
+    kind = op.get("op")
+    shape = OPS.get(kind) if type(kind) is str else None
+    if shape is None:
+        return f"unknown op {kind!r:.40}"
+    why = shape.check(op)
+    return f"{kind}: {why}" if why else None
+
+
+class _Str(str):
+    pass
+
+
+_field_values = (
+    st.sampled_from([G1, G2, b"\x01" * 15, b"\x01" * 17, b"", b".", b"..", b"a/b", b"a\0b",
+                     b"n" * 255, b"n" * 256, b"../x", "f", "d", "l", "c", "b", "p", "s", "x",
+                     "", "ensure", _Str("ensure"), _Str("f"), 0, -1, 0x0501, 2**63 - 1,
+                     2**63, True, None, b"x" * (1 << 20), b"x" * ((1 << 20) + 1), {}, [],
+                     b"t" * 4095, b"t" * 4096])
+    | st.binary(max_size=20) | st.integers() | st.text(max_size=3))
+_meta_values = st.dictionaries(
+    st.sampled_from(["mode", "uid", "gid", "atime", "mtime", "xattrs", "x", _Str("mode")]),
+    st.integers(-(2**64), 2**64) | st.booleans() | st.none() | st.binary(max_size=3)
+    | st.dictionaries(st.binary(max_size=4) | st.sampled_from([b"user.a", b"u\0", b"n" * 256,
+                                                               "user.a"]),
+                      st.binary(max_size=4) | st.sampled_from([b"v" * (64 << 10),
+                                                               b"v" * ((64 << 10) + 1), "v"]),
+                      max_size=3),
+    max_size=7)
+
+
+@st.composite
+def ensure_like(draw: Any) -> dict[Any, Any]:
+    """A valid ensure of a random type, then a few random changes to it."""
+    t = draw(st.sampled_from("fdlcbps"))
+    op: dict[Any, Any] = {"op": "ensure", "pgfid": G1, "name": b"n", "gfid": G2, "type": t}
+    if t == "l":
+        op["target"] = b"t"
+    if t in "cb":
+        op["rdev"] = 5
+    if draw(st.booleans()):
+        op["meta"] = dict(META)
+    if t == "f" and draw(st.booleans()):
+        op["data"] = b"d"
+    for _ in range(draw(st.integers(0, 3))):
+        key = draw(st.sampled_from(["op", "pgfid", "name", "gfid", "type", "meta", "target",
+                                    "rdev", "data", "x", b"name"]))
+        if draw(st.integers(0, 4)) == 0:
+            op.pop(key, None)
+        elif key == "meta":
+            op["meta"] = draw(_meta_values)
+        else:
+            op[key] = draw(_field_values)
+    return op
+
+
+@settings(max_examples=2000, deadline=None)
+@given(ensure_like())
+def test_ensure_fast_path_matches_the_generic_check(op: dict[Any, Any]) -> None:
+    from transport.schema import _ensure_ok
+
+    generic = _generic_check_op(op)
+    if op.get("op") == "ensure" and _ensure_ok(op):
+        assert generic is None, (op, generic)
+    # Whatever the path, the answer is the generic one, reason included.
+    assert check_op(op) == generic
+    try:
+        validate_request("ops", {"ops": [VALID_OPS[0], op]})
+    except SchemaError as exc:
+        assert str(exc) == f"ops: field 'ops': op 1: {generic}"
+    else:
+        assert generic is None
+
+
+@pytest.mark.parametrize("op", [o for o in VALID_OPS if o["op"] == "ensure"])
+def test_ensure_fast_path_takes_the_valid_ensures(op: dict[str, Any]) -> None:
+    from transport.schema import _ensure_ok
+
+    assert _ensure_ok(op)
