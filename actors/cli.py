@@ -115,6 +115,12 @@ def cmd_sync(a: argparse.Namespace) -> int:
         _print_summary(summary)
     if not summary.ok:
         first: Failure = summary.failures[0]
+        if not a.once:
+            # A stop is not a verdict: the items are in the durable failure ledger and are
+            # retried when the session runs again (they are listed above).
+            print(f"georep-node sync: stopped with {len(summary.failures)} item(s) pending "
+                  f"retry, first: {first.line()}", file=sys.stderr)
+            return EXIT_OK
         print(f"georep-node sync: {len(summary.failures)} item(s) could not be synced, "
               f"first: {first.line()}", file=sys.stderr)
         return EXIT_FAILURES
@@ -208,7 +214,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Make SECONDARY an exact replica of the directory PRIMARY: content, "
         "owners, modes, ns times, xattrs, ACLs, hardlinks, symlinks, sparse files, "
         "special files.  Objects keep their identity (gfid), so renames are applied as "
-        "renames.  Exit status: 0 converged, 1 some items failed (listed), 2 could not run.")
+        "renames.  Exit status: 0 converged (continuous mode: stopped cleanly; items still "
+        "failing are kept in the failure ledger and retried on the next start), 1 some "
+        "items failed (--once; listed), 2 could not run.")
     s.add_argument("primary", help="the directory to replicate")
     s.add_argument("secondary", help="replica root: a local path, [user@]host:/path or "
                    "ssh://[user@]host[:port]/path (the secondary host runs as a local "

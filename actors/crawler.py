@@ -293,12 +293,13 @@ class Crawler(Inspectable, pykka.ThreadingActor):
             if data is None or st is None:
                 drop.append(i)  # replaced or removed since listed: seen by the next pass
                 continue
-            if len(data) > INLINE_HARD_MAX or st.st_blocks * 512 < st.st_size:
+            if len(data) > INLINE_HARD_MAX or _has_hole(dir_fd, op["name"], st):
                 # It grew since we listed it, or it has holes (inline data would fill them):
                 # the data path sends its extents after the ensure, then applies its meta.
                 # The ensure must not carry the meta: an mtime set before the data would
                 # make a kept file look already up to date.
-                plan.data.append(DataJob(_refresh(op, st), _join(relpath, op["name"]), None, i))
+                plan.data.append(DataJob(_refresh(op, st), _join(relpath, op["name"]), None, i,
+                                         pgfid=op["pgfid"]))
                 op.pop("meta", None)
                 continue
             op["data"] = data
@@ -317,6 +318,28 @@ def _refresh(op: dict[str, Any], st: os.stat_result) -> Entry:
     return Entry(op["name"], op["gfid"], "f", m["mode"], m["uid"], m["gid"], st.st_size,
                  st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink, st.st_ino,
                  0, None, m.get("xattrs", {}))
+
+
+def _has_hole(dir_fd: int, name: bytes, st: os.stat_result) -> bool:
+    """True when the file has a hole before its end (SEEK_HOLE).
+
+    ``st_blocks`` cannot tell: a file just written under delayed allocation has no
+    blocks yet.  SEEK_HOLE counts delayed data as data.  Only asked for files that look
+    sparse by their block count, so the common case costs no syscall.
+    """
+    if st.st_size == 0 or st.st_blocks * 512 >= st.st_size:
+        return False
+    try:
+        fd = os.open(name, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC,
+                     dir_fd=dir_fd)
+    except OSError:
+        return False  # gone: the next pass sees it; inline is what we have
+    try:
+        return os.lseek(fd, 0, os.SEEK_HOLE) < st.st_size
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _join(relpath: bytes, name: bytes) -> bytes:
@@ -341,12 +364,17 @@ def _read_small(dir_fd: int, name: bytes,
             chunks = []
             off = 0
             while True:
-                b = os.pread(fd, max(st0.st_size - off, 0) + 65536, off)
+                want = max(st0.st_size - off, 0) + 65536
+                b = os.pread(fd, want, off)
                 if not b:
                     break
                 chunks.append(b)
                 off += len(b)
                 if off > INLINE_HARD_MAX:
+                    break
+                if len(b) < want and off >= st0.st_size:
+                    # Short read past the size seen: end of file, no second pread to learn
+                    # it (a file that changes meanwhile fails the fstat comparison below).
                     break
             st1 = os.fstat(fd)
             if (st1.st_size, st1.st_mtime_ns, st1.st_ctime_ns) == (

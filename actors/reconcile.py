@@ -55,6 +55,9 @@ class DataJob:
     #: Push only if the ensure *created* the file (an adoption expected to find the data
     #: in place may be refused by the applier, which then creates an empty file).
     if_created: bool = False
+    #: The directory the file was found in: re-checked when the file cannot be found at
+    #: ``relpath`` any more (moved since), so its data is never silently dropped.
+    pgfid: bytes | None = None
 
 
 @dataclass(slots=True)
@@ -193,6 +196,8 @@ def plan_dir(pgfid: bytes, relpath: bytes, primary: Iterable[Entry],
                              "gfid": r.gfid if r.gfid is not None else NO_GFID})
             plan.entry_ops += 1
     plan.ops.extend(metas)
+    for job in plan.data:
+        job.pgfid = pgfid
     return plan
 
 

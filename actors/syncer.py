@@ -19,6 +19,7 @@ the secondary, so the next pass sees it differ and sends it again.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from concurrent.futures import Future
@@ -109,8 +110,8 @@ class Syncer(Inspectable, pykka.ThreadingActor):
                                  ex.strerror or str(ex))
                 return
             if fd is None:
-                self.ledger.count("data_vanished")
-                return  # gone or replaced since the crawl saw it: the next pass sees that
+                self._vanished(job)
+                return
             try:
                 st = os.fstat(fd)
                 meta = e.meta()
@@ -245,12 +246,23 @@ class Syncer(Inspectable, pykka.ThreadingActor):
                              ex.strerror or str(ex))
             return None
         if fd is None:
-            self.ledger.count("data_vanished")
+            self._vanished(job)
             return None
         try:
             return os.fstat(fd)
         finally:
             os.close(fd)
+
+    def _vanished(self, job: DataJob) -> None:
+        """The file is no longer at ``relpath`` (removed, replaced, or an ancestor renamed).
+
+        Not dropped: a failure naming the parent directory makes the retry re-check it,
+        which finds the file where it is now, or deletes it on the secondary if it is gone.
+        """
+        self.ledger.count("data_vanished")
+        self.ledger.fail("data", "open", job.relpath, job.entry.gfid, errno.ENOENT,
+                         "no longer at this path since it was queued; re-checked",
+                         pgfid=job.pgfid)
 
     def barrier(self) -> None:
         """Returns once every job told before it is done (actors handle messages in order).

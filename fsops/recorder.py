@@ -260,8 +260,11 @@ class _Fanotify:
             g = self._changed_object(ev, ts, emit)
             if g is not None:
                 # The parent and name tell the live crawl which directory to re-check.
+                # A directory's own change is reported for the directory itself: the live
+                # crawl re-checks it (its meta is compared when it is crawled, not in its
+                # parent's listing).
                 pg = None
-                if ev.name not in (None, b".") and ev.dfid is not None:
+                if ev.name not in (None, b".") and ev.dfid is not None and not ondir:
                     pg = self._dir(ev.dfid)
                 where = (pg, ev.name) if pg is not None else (None, None)
                 if m & _FAN_DATA and not ondir:
@@ -463,7 +466,8 @@ class _Inotify:
                     emit(Record.entry(ts, w.gfid, ev.name))
                     return True
                 target: int | bytes = ev.name
-                where: tuple[bytes | None, bytes | None] = (w.gfid, ev.name)
+                where: tuple[bytes | None, bytes | None] = (
+                    (None, None) if stat.S_ISDIR(st.st_mode) else (w.gfid, ev.name))
             else:
                 st = os.fstat(dfd)
                 g, target = w.gfid, dfd

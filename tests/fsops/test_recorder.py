@@ -120,8 +120,9 @@ def test_data_and_meta_of_known_files(rig: Rig) -> None:
     recs = rig.do("os.setxattr('f', b'user.k', b'v')")
     assert kinds(recs) == {(META, g, ROOT_GFID, b"f", None, None)}
     recs = rig.do("os.chmod('sub', 0o700)")
-    assert kinds(recs) & {(META, sg, None, None, None, None),
-                          (META, sg, ROOT_GFID, b"sub", None, None)}
+    # a directory's own change names the directory, not its parent: it is what is re-checked
+    assert (META, sg, None, None, None, None) in kinds(recs)
+    assert (META, sg, ROOT_GFID, b"sub", None, None) not in kinds(recs)
     recs = rig.do("os.utime('.', ns=(1, 1))")
     assert (META, ROOT_GFID, None, None, None, None) in kinds(recs)
 
