@@ -79,6 +79,19 @@ def check_depth(obj: Any, max_depth: int = MAX_DEPTH) -> None:
         stack.extend((c, depth + 1) for c in children if isinstance(c, (dict, list)))
 
 
+def _nests_deeper(obj: dict[Any, Any] | list[Any], room: int) -> bool:
+    # check_depth for what msgpack decodes: containers are plain dicts and lists, and a map
+    # key is never one (unhashable), so only values need a look.  Recursion is bounded by
+    # ``room``; about three times faster than the general walk on an ops batch.
+    if room <= 0:
+        return True
+    room -= 1
+    for v in (obj.values() if isinstance(obj, dict) else obj):
+        if isinstance(v, (dict, list)) and _nests_deeper(v, room):
+            return True
+    return False
+
+
 def decode_body(raw: bytes, *, max_depth: int = MAX_DEPTH) -> dict[Any, Any]:
     """Unpack a frame body with the protocol's limits; it must be a map."""
     try:
@@ -90,7 +103,10 @@ def decode_body(raw: bytes, *, max_depth: int = MAX_DEPTH) -> dict[Any, Any]:
         raise ProtocolError(f"undecodable frame body: {type(exc).__name__}: {exc}"[:300])
     if not isinstance(body, dict):
         raise ProtocolError(f"frame body is a {type(body).__name__}, not a map")
-    check_depth(body, max_depth)
+    if max_depth > 64:
+        check_depth(body, max_depth)
+    elif _nests_deeper(body, max_depth):
+        raise ProtocolError(f"frame body nests deeper than {max_depth} levels")
     return body
 
 

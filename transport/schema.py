@@ -192,11 +192,86 @@ OPS: dict[str, Shape] = {
 }
 
 
+# -- fast path for the hot op ---------------------------------------------------------------
+#
+# A first sync sends one ``ensure`` per object and every one is checked on receipt (and before
+# sending).  _ensure_ok is the same check as OPS["ensure"] written out flat: it only ever says
+# "valid" for an op the generic check accepts, and anything it does not accept goes through
+# the generic check, which gives the reason.  So both reject exactly the same ops
+# (tests/transport/test_schema.py compares them on random ops).
+
+_ENSURE_REQUIRED = frozenset(OPS["ensure"].required)
+_ENSURE_ALLOWED = _ENSURE_REQUIRED | frozenset(OPS["ensure"].optional)
+_META_INT_RANGES: dict[str, tuple[int, int]] = {
+    "mode": (0, 0o7777), "uid": (0, UINT32_MAX), "gid": (0, UINT32_MAX),
+    "atime": (INT64_MIN, INT64_MAX), "mtime": (INT64_MIN, INT64_MAX),
+}
+assert frozenset(_META_INT_RANGES) | {"xattrs"} == frozenset(META_FIELDS)
+
+
+def _meta_ok(m: dict[Any, Any]) -> bool:
+    ranges = _META_INT_RANGES
+    for key, v in m.items():
+        if key == "xattrs":
+            if type(v) is not dict:
+                return False
+            for xk, xv in v.items():
+                if (type(xk) is not bytes or not 0 < len(xk) <= NAME_MAX or b"\0" in xk
+                        or type(xv) is not bytes or len(xv) > XATTR_VALUE_MAX):
+                    return False
+        else:
+            r = ranges.get(key) if type(key) is str else None
+            if r is None or type(v) is not int or not r[0] <= v <= r[1]:
+                return False
+    return True
+
+
+def _ensure_ok(op: dict[Any, Any]) -> bool:
+    """True only when ``op`` (whose ``op`` equals ``"ensure"``) fits OPS["ensure"]."""
+    keys = op.keys()
+    if not (keys >= _ENSURE_REQUIRED and keys <= _ENSURE_ALLOWED) or type(op["op"]) is not str:
+        return False
+    g = op["pgfid"]
+    if type(g) is not bytes or len(g) != GFID_LEN:
+        return False
+    g = op["gfid"]
+    if type(g) is not bytes or len(g) != GFID_LEN:
+        return False
+    n = op["name"]
+    if (type(n) is not bytes or not 0 < len(n) <= NAME_MAX or b"/" in n or b"\0" in n
+            or n == b"." or n == b".."):
+        return False
+    t = op["type"]
+    if type(t) is not str or t not in ENTRY_TYPES:
+        return False
+    if "meta" in keys:
+        m = op["meta"]
+        if type(m) is not dict or not _meta_ok(m):
+            return False
+    if "data" in keys:
+        d = op["data"]
+        if t != "f" or type(d) is not bytes or len(d) > INLINE_DATA_MAX:
+            return False
+    if ("target" in keys) != (t == "l") or ("rdev" in keys) != (t in ("c", "b")):
+        return False
+    if t == "l":
+        v = op["target"]
+        if type(v) is not bytes or not 0 < len(v) <= PATH_MAX or b"\0" in v:
+            return False
+    elif t in ("c", "b"):
+        v = op["rdev"]
+        if type(v) is not int or not 0 <= v <= INT64_MAX:
+            return False
+    return True
+
+
 def check_op(op: Any) -> str | None:
     """Return None when ``op`` is a valid entry/meta op map, else a one-line reason."""
     if type(op) is not dict:
         return f"must be a map, not {type(op).__name__}"
     kind = op.get("op")
+    if kind == "ensure" and _ensure_ok(op):
+        return None
     shape = OPS.get(kind) if type(kind) is str else None
     if shape is None:
         return f"unknown op {kind!r:.40}"
@@ -210,7 +285,10 @@ def ops_list(v: Any) -> str | None:
         return f"must be a list, not {type(v).__name__}"
     if len(v) > MAX_OPS:
         return f"holds {len(v)} ops, more than {MAX_OPS}"
+    ok = _ensure_ok
     for index, op in enumerate(v):
+        if type(op) is dict and op.get("op") == "ensure" and ok(op):
+            continue
         why = check_op(op)
         if why:
             return f"op {index}: {why}"
