@@ -30,6 +30,7 @@ from actors.engines import ENGINES, NATIVE, parse_rate
 from actors.ledger import Failure
 from actors.remote import ConnectError
 from actors.supervisor import Summary, Supervisor, SyncOptions
+from fsops.dirmap import make_private_dirs
 from fsops.primary import PrimaryError
 from fsops.recorder import RecorderError
 from fsops.safety import SafetyStop
@@ -68,7 +69,7 @@ def _print_summary(s: Summary) -> None:
 
 def _session_log(state: str) -> None:
     """Continuous mode also logs, one line per event, to the session's log file."""
-    os.makedirs(state, mode=0o700, exist_ok=True)
+    make_private_dirs(state)
     h = logging.handlers.WatchedFileHandler(os.path.join(state, "georep.log"))
     h.setFormatter(logging.Formatter(LOG_FORMAT))
     h.setLevel(logging.INFO)

@@ -19,6 +19,7 @@ import sys
 import threading
 import time
 
+from fsops.dirmap import make_private_dirs
 from fsops.journal import JournalError, JournalWriter
 from fsops.recorder import Recorder, RecorderError
 
@@ -97,7 +98,7 @@ def _read_workers(path: str) -> set[int]:
 
 def run_recorder(primary: str, state: str, linger: float) -> int:
     """Record until SIGTERM/SIGINT or until no worker heartbeat for ``linger`` seconds."""
-    os.makedirs(state, mode=0o700, exist_ok=True)
+    make_private_dirs(state)
     try:
         writer = JournalWriter(journal_dir(state), root=os.fsencode(os.path.abspath(primary)))
     except JournalError as e:
@@ -155,7 +156,7 @@ def ensure_recorder(primary: str, state: str, *, linger: float, timeout: float =
 
     The daemon is detached (its own session) so it outlives the worker.
     """
-    os.makedirs(state, mode=0o700, exist_ok=True)
+    make_private_dirs(state)
     register_worker(state)
     ready = os.path.join(state, READY_FILE)
     if _alive(ready):

@@ -48,7 +48,7 @@ from actors.remote import ConnectError, RemoteProxy
 from actors.syncer import Syncer
 from fsops import marks
 from fsops.constants import ROOT_GFID
-from fsops.dirmap import DirMap, default_state_root
+from fsops.dirmap import DirMap, default_state_root, make_private_dirs
 from fsops.journal import JournalReader
 from fsops.journal_tail import JournalTail
 from fsops.primary import PrimaryTree
@@ -178,7 +178,7 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
     def _make_state_dir(self) -> str | None:
         path = self.state_path()
         try:
-            os.makedirs(path, mode=0o700, exist_ok=True)
+            make_private_dirs(path)
         except OSError as e:
             log.warning("no state directory %s (%s): failures are not kept across runs and "
                         "the primary's device is not checked", path, e.strerror)
@@ -362,6 +362,7 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
         t0 = time.monotonic()
         summary = Summary(o.primary, str(self.endpoint))
         state = self.state_path()
+        make_private_dirs(state)  # journals and sockets: private, as named sessions make it
         # <root>/sessions/<session>/paused pauses the session: the shell and the CLI agree.
         session_dir = os.path.join(o.state_dir or default_state_root(), "sessions", self.session)
         self._paused = paused_check(session_dir, paused)

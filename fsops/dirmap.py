@@ -97,3 +97,21 @@ def default_state_root() -> str:
     if os.geteuid() == 0:
         return "/var/lib/georep"
     return os.path.join(os.path.expanduser("~"), ".local", "state", "georep")
+
+
+def make_private_dirs(path: str) -> None:
+    """Create ``path`` and every missing parent with mode 0700 (``os.makedirs`` gives
+    the parents the default mode); existing directories are left as they are."""
+    missing: list[str] = []
+    cur = os.path.abspath(path)
+    while not os.path.isdir(cur):
+        missing.append(cur)
+        parent = os.path.dirname(cur)
+        if parent == cur:
+            break
+        cur = parent
+    for d in reversed(missing):
+        try:
+            os.mkdir(d, 0o700)
+        except FileExistsError:
+            pass

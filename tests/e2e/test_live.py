@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -223,6 +224,9 @@ def restarted(lv: Live, offset: int, expect: str) -> str:
 
 def test_follows_a_workload(live: Live) -> None:
     started(live)
+    # state root, sessions/ and the session's dir (journal, control socket) are private
+    for d in (live.state, live.state / "sessions", *(live.state / "sessions").iterdir()):
+        assert stat.S_IMODE(os.stat(d).st_mode) == 0o700, d
     wl = workload(live.p, ops=2500, seed=11, rate=500)
     finish(wl)
     took = converge(live.p, live.s)
