@@ -21,8 +21,10 @@ lint: $(STAMP)
 	$(PY) -m ruff check .
 	$(PY) -m mypy
 
+# Every scenario vs rsync/lsyncd/ssh (bench/all.py); BENCH_ARGS=--quick for a smoke run,
+# BENCH_ARGS=--million adds the 1,000,000-entry tree.
 bench: $(STAMP)
-	$(PY) -m bench.initial_sync --entries 20000 --reps 3
+	$(PY) -m bench.all $(BENCH_ARGS)
 
 bench-quick: $(STAMP)
 	$(PY) -m bench.initial_sync --entries 2000 --reps 1 --no-big-sparse

@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
+
+import psutil
 
 from fsops.dirmap import make_private_dirs
 from fsops.journal import JournalError, JournalWriter
@@ -58,19 +61,29 @@ def add_worker_pid(state: str, pid: int) -> None:
 
 
 class Heartbeat:
-    """Heartbeats from a thread, so a long hybrid crawl does not let the recorder linger out."""
+    """Heartbeats from a thread, so a long hybrid crawl does not let the recorder linger out.
 
-    def __init__(self, state: str, interval: float = 10.0) -> None:
+    It also watches the recorder: one that died (crashed, killed) is started again, and
+    the START it writes shows the follower the gap (a Hybrid Crawl follows): replication
+    never waits silently on a journal that nobody writes.
+    """
+
+    def __init__(self, state: str, primary: str | None = None, linger: float = 600.0,
+                 interval: float = 10.0) -> None:
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, args=(state, interval),
+        self._thread = threading.Thread(target=self._run, args=(state, primary, linger, interval),
                                         name="georep-heartbeat", daemon=True)
         self._thread.start()
 
-    def _run(self, state: str, interval: float) -> None:
+    def _run(self, state: str, primary: str | None, linger: float, interval: float) -> None:
+        ready = os.path.join(state, READY_FILE)
         while not self._stop.wait(interval):
             try:
                 heartbeat(state)
-            except OSError as e:
+                if primary is not None and not _alive(ready):
+                    log.warning("the change recorder is not running: starting it again")
+                    ensure_recorder(primary, state, linger=linger)
+            except (OSError, RecorderError) as e:
                 log.warning("recorder heartbeat failed: %s", e)
 
     def stop(self) -> None:
@@ -170,9 +183,14 @@ def ensure_recorder(primary: str, state: str, *, linger: float, timeout: float =
     argv = [*georep_argv(), "recorder", "--primary", primary, "--state", state,
             "--linger", str(linger)]
     logf = open(os.path.join(state, "recorder.log"), "ab")  # noqa: SIM115 (child keeps it)
-    subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=logf, stderr=logf,
-                     start_new_session=True, close_fds=True)
+    # setsid -f forks once more: the daemon is not our child, so when it dies init reaps
+    # it (a child of ours would linger as a zombie, which looks alive to kill(pid, 0)).
+    launcher = ["setsid", "-f"] if shutil.which("setsid") else []
+    starter = subprocess.Popen([*launcher, *argv], stdin=subprocess.DEVNULL, stdout=logf,
+                               stderr=logf, start_new_session=True, close_fds=True)
     logf.close()
+    if launcher:
+        starter.wait(timeout=timeout)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if _alive(ready):
@@ -189,7 +207,6 @@ def _alive(ready: str) -> bool:
     except (FileNotFoundError, ValueError, IndexError):
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.Error:
         return False
-    return True

@@ -368,7 +368,7 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
         self._paused = paused_check(session_dir, paused)
         primary: PrimaryTree | None = None
         ensure_recorder(os.path.abspath(o.primary), state, linger=o.recorder_linger)
-        beats = Heartbeat(state)
+        beats = Heartbeat(state, os.path.abspath(o.primary), o.recorder_linger)
         dirmap = DirMap(os.path.join(state, "dirmap.db"))
         self.restarts = Restarts()
         control = start_control(self, state, self.restarts, session_dir)

@@ -154,8 +154,20 @@ class _Fanotify:
             n += 1
             if ev.mask & fan.FAN_Q_OVERFLOW:
                 emit(Record.marker(OVERFLOW, ts))
-            elif ev.pid in self.exclude or not self._event(ev, ts, emit):
+                continue
+            if ev.pid in self.exclude:
                 self.c["dropped"] += 1
+                continue
+            try:
+                if not self._event(ev, ts, emit):
+                    self.c["dropped"] += 1
+            except OSError as e:
+                # An event we could not map (e.g. open_by_handle_at: ENOMEM under heavy
+                # load) is a hole in the history, never the recorder's death: a gap
+                # marker makes the worker walk the tree (Hybrid Crawl) instead.
+                log.warning("cannot map a change event (%s): marking a gap in the journal", e)
+                self.c["unmapped"] = self.c.get("unmapped", 0) + 1
+                emit(Record.marker(OVERFLOW, ts))
         self.c["events"] += n
         return n
 

@@ -6,6 +6,8 @@ import json
 import os
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -33,3 +35,16 @@ def sync_once(primary: Path, secondary: Path | str, *extra: str,
         f"stderr:\n{proc.stderr}")
     summary: dict[str, Any] = json.loads(proc.stdout)
     return summary
+
+
+def wait_for(cond: Callable[[], Any], timeout: float, what: str, interval: float = 0.05) -> Any:
+    """Poll ``cond`` until it returns something true, and return that; AssertionError naming
+    ``what`` after ``timeout`` seconds.  Tests wait on conditions, never on fixed sleeps."""
+    deadline = time.monotonic() + timeout
+    while True:
+        v = cond()
+        if v:
+            return v
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)

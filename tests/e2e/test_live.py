@@ -16,31 +16,19 @@ import stat
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import psutil
 import pytest
 
-from tests.e2e.helpers import GEOREP, REPO
+from tests.e2e.helpers import GEOREP, REPO, wait_for
 from tests.support.compare import compare_trees
 from tests.support.treegen import make_tree
 
 HISTORY, HYBRID, CHANGELOG = "crawl=History Crawl", "crawl=Hybrid Crawl", "crawl=Changelog Crawl"
 #: How long the secondary may take to equal the primary once the primary stops changing.
 CONVERGE_S = 120.0  # a deadline, not a timing assertion: shared machines are slow at times
-
-
-def wait_for(cond: Callable[[], bool], timeout: float, what: str, interval: float = 0.05
-             ) -> float:
-    """Poll ``cond`` until true; returns the seconds it took (AssertionError on timeout)."""
-    t0 = time.monotonic()
-    while True:
-        if cond():
-            return time.monotonic() - t0
-        if time.monotonic() - t0 > timeout:
-            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}")
-        time.sleep(interval)
 
 
 def differences(p: Path, s: Path) -> list[str]:
@@ -60,7 +48,9 @@ def converge(p: Path, s: Path, timeout: float = CONVERGE_S) -> float:
         return not last
 
     try:
-        return wait_for(same, timeout, "the secondary to converge", interval=0.1)
+        t0 = time.monotonic()
+        wait_for(same, timeout, "the secondary to converge", interval=0.1)
+        return time.monotonic() - t0
     except AssertionError as e:
         raise AssertionError(f"{e}; {len(last)} difference(s), first: {last[:10]}") from None
 
@@ -149,6 +139,11 @@ class Live:
         found = [p for p in self.processes() if "recorder" in p.info["cmdline"]]
         assert len(found) == 1, f"recorder processes: {found}"
         return found[0]
+
+    def recorder_or_none(self) -> psutil.Process | None:
+        """The recorder daemon of this session, if one runs now."""
+        found = [p for p in self.processes() if "recorder" in p.info["cmdline"]]
+        return found[0] if len(found) == 1 else None
 
     def processes(self) -> list[psutil.Process]:
         """Every process whose command line names this test's directory."""
@@ -266,6 +261,25 @@ def test_recorder_killed_while_down_forces_hybrid(live: Live) -> None:
     finish(workload(live.p, ops=500, seed=42))  # unrecorded changes
     offset = live.start()
     restarted(live, offset, HYBRID)
+
+
+def test_recorder_killed_while_running_is_restarted(live: Live) -> None:
+    """Replication never waits silently on a journal nobody writes."""
+    started(live)
+    offset = live.log_size()
+    old = live.recorder()
+    old.kill()
+    old.wait(timeout=10)
+    finish(workload(live.p, ops=300, seed=45))  # partly unrecorded: the recorder is down
+    # the worker's heartbeat (every 10 s) notices, starts a recorder again, and the gap
+    # (its START) makes the worker walk the tree
+    wait_for(lambda: any(p.pid != old.pid for p in [live.recorder_or_none()] if p), 60,
+             "a new recorder")
+    live.wait_log(HYBRID, offset)
+    converge(live.p, live.s)
+    (live.p / "after-restart").write_bytes(b"seen")  # recorded by the new recorder
+    converge(live.p, live.s)
+    assert live.stop() == 0, live.stderr()
 
 
 def test_queue_overflow_forces_hybrid(live: Live) -> None:

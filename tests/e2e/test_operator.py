@@ -12,7 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,7 @@ import pytest
 
 from actors.session import KEYS
 from actors.status import BRICK_FIELDS
+from tests.e2e.helpers import wait_for
 from tests.support.compare import compare_trees
 from tests.support.sshd import REMOTE_COMMAND, SshServer, spare_port
 from tests.support.treegen import make_tree
@@ -62,16 +63,6 @@ class Op:
             return (self.root / "sessions" / name / "georep.log").read_text(errors="replace")
         except FileNotFoundError:
             return ""
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 def ours(root: Path) -> list[psutil.Process]:

@@ -9,14 +9,12 @@ import signal
 import subprocess
 import sys
 import threading
-import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import psutil
 import pytest
 
+from tests.e2e.helpers import wait_for
 from tests.support.compare import compare_trees
 from tests.support.sshd import REMOTE_COMMAND, REPO, SshServer, keygen, spare_port
 from tests.support.treegen import apply_changes, make_tree
@@ -50,16 +48,6 @@ def one_line_error(proc: subprocess.CompletedProcess[str]) -> str:
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("georep-node sync: "), proc.stderr
     return lines[0]
-
-
-def wait_for(cond: Callable[[], Any], timeout: float, what: str) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        v = cond()
-        if v:
-            return v
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
 
 
 @pytest.fixture(scope="module")
