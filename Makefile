@@ -2,7 +2,7 @@
 PY ?= python3
 STAMP := .setup.stamp
 
-.PHONY: setup demo test lint bench bench-quick clean
+.PHONY: setup demo test lint bench clean
 
 # Installs what the project needs on a fresh Debian machine (idempotent, quick when done).
 $(STAMP): setup.cfg pyproject.toml scripts/setup.sh
@@ -25,9 +25,6 @@ lint: $(STAMP)
 # BENCH_ARGS=--million adds the 1,000,000-entry tree.
 bench: $(STAMP)
 	$(PY) -m bench.all $(BENCH_ARGS)
-
-bench-quick: $(STAMP)
-	$(PY) -m bench.initial_sync --entries 2000 --reps 1 --no-big-sparse
 
 clean:
 	rm -f $(STAMP)
