@@ -138,14 +138,19 @@ def kill_trials(tmp_path: Path, pick_victim: Any) -> list[str]:
               big_dir_files=min(1000, ENTRIES // 4))
     rng = random.Random(int(os.environ.get("GEOREP_TRIAL_SEED", "5")))
     outcomes: list[str] = []
-    max_delay = max(2.0, ENTRIES / 1000)
+    # The kill lands within the time the last uninterrupted run took (the first run is a
+    # full sync; later ones are incremental and short): a delay past the end of the run
+    # would kill nothing and test nothing.
+    run_time = max(2.0, ENTRIES / 1000)
+    kills = 0
     for trial in range(TRIALS):
         change_some(primary, rng, f"t{trial}")
         changed = time.time_ns()
         time.sleep(0.01)
         with busy_writer(primary):
+            started = time.monotonic()
             proc = start_sync(primary, secondary, state)
-            delay = rng.uniform(0.05, max_delay)
+            delay = rng.uniform(0.05, 0.9 * run_time)
             deadline = time.monotonic() + delay
             killed = False
             while time.monotonic() < deadline and proc.poll() is None:
@@ -163,6 +168,10 @@ def kill_trials(tmp_path: Path, pick_victim: Any) -> list[str]:
                 proc.kill()
                 proc.communicate()
                 raise AssertionError(f"trial {trial}: sync hung after the kill\n{stacks}")
+            if killed:
+                kills += 1
+            else:
+                run_time = max(0.3, time.monotonic() - started)
         mark = stime(primary)
         outcomes.append(f"trial {trial}: delay {delay:.2f}s killed={killed} "
                         f"exit={proc.returncode} mark_past_changes={bool(mark and mark > changed)}")
@@ -173,6 +182,8 @@ def kill_trials(tmp_path: Path, pick_victim: Any) -> list[str]:
             assert diffs == [], (outcomes[-1], diffs[:10], err[-2000:])
     converge(primary, secondary, state)
     print("\n".join(outcomes))
+    # Most trials must really kill something mid-run, or this test proves nothing.
+    assert kills >= (TRIALS + 1) // 2, f"only {kills} of {TRIALS} trials killed a process"
     return outcomes
 
 
