@@ -210,7 +210,7 @@ class EntryApplier(_Worker):
 
     def do_list_dir(self, a: dict[str, Any], _p: bytes | None) -> dict[str, Any]:
         # An ordered listing: it sees every op sent before it.
-        return {"entries": self.fs.list_dir(a["gfid"])}
+        return {"entries": self.fs.list_dir(a["gfid"], a.get("names"))}
 
 
 class Lister(_Worker):
@@ -221,7 +221,7 @@ class Lister(_Worker):
         self.fs = fs
 
     def do_list_dir(self, a: dict[str, Any], _p: bytes | None) -> dict[str, Any]:
-        return {"entries": self.fs.list_dir(a["gfid"])}
+        return {"entries": self.fs.list_dir(a["gfid"], a.get("names"))}
 
     def do_lookup(self, a: dict[str, Any], _p: bytes | None) -> list[str | None]:
         return self.fs.lookup(a["gfids"])
@@ -269,9 +269,11 @@ def _die(line: str, status: int) -> None:
     os._exit(status)
 
 
-def _watchdog(gate: _Gate, timeout: float) -> None:
+def _watchdog(gate: _Gate, limit: list[float]) -> None:
+    # ``limit[0]`` may be changed by the hello (the session's secondary-timeout).
     def loop() -> None:
         while True:
+            timeout = limit[0]
             time.sleep(min(1.0, timeout / 4))
             if gate.idle_for() > timeout:
                 _die(f"georep secondary: no request from the primary for {timeout:g} s; "
@@ -375,7 +377,8 @@ def run_host(root: str | None, *, timeout: float = 120.0,
     conn = ServerConnection(reader, writer)
     conn.announce()
     gate = _Gate(MAX_QUEUED)
-    _watchdog(gate, timeout)
+    limit = [timeout]
+    _watchdog(gate, limit)
     try:
         first = conn.read_request()
         if first is None:
@@ -393,6 +396,9 @@ def run_host(root: str | None, *, timeout: float = 120.0,
             msg = str(e) if isinstance(e, FsError) else f"secondary root {root}: {e.strerror}"
             conn.send_reply(first.id, error=SecondaryError(msg))
             return 2
+        # The session's settings (docs/config.md): secondary-timeout, sync-xattrs/acls.
+        timeout = limit[0] = float(first.args.get("idle_timeout", timeout))
+        fs.xattr_scope = lister_fs.xattr_scope = first.args.get("xattrs", fs.xattr_scope)
         try:
             lock = _take_lock(fs, root, first.args, timeout)
         except (Locked, OSError) as e:

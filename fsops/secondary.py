@@ -137,6 +137,10 @@ def _raise_nofile() -> None:
 class SecondaryFS:
     """The replica tree and its gfid index; applies entry, meta and data operations."""
 
+    #: Which xattrs meta ops manage and listings digest (fsops.xattrs scopes); the
+    #: secondary host sets it from the primary's hello (config sync-xattrs, sync-acls).
+    xattr_scope: str = xattrs.ALL
+
     def __init__(self, root: bytes, *, create: bool = False) -> None:
         if isinstance(root, str):
             root = os.fsencode(root)
@@ -375,7 +379,7 @@ class SecondaryFS:
             os.chown(name, meta["uid"], meta["gid"], dir_fd=dir_fd, follow_symlinks=False)
         wanted = _wanted_xattrs(meta, t)
         if wanted is not None:
-            xattrs.apply(name, wanted, dir_fd=dir_fd)
+            xattrs.apply(name, wanted, dir_fd=dir_fd, scope=self.xattr_scope)
         if t != T_SYMLINK and "mode" in meta:
             os.chmod(name, stat.S_IMODE(meta["mode"]), dir_fd=dir_fd, follow_symlinks=False)
         if "mtime" in meta:
@@ -404,7 +408,7 @@ class SecondaryFS:
             os.chown(fd, meta["uid"], meta["gid"])
         wanted = meta.get("xattrs")
         if wanted is not None:
-            xattrs.apply(fd, wanted)
+            xattrs.apply(fd, wanted, scope=self.xattr_scope)
         if "mode" in meta:
             os.chmod(fd, stat.S_IMODE(meta["mode"]))
         if "mtime" in meta:
@@ -745,13 +749,16 @@ class SecondaryFS:
 
     def _describe(self, st: os.stat_result, target: int | bytes, dir_fd: int | None,
                   nlink: int) -> list:
-        dig = xattrs.digest(xattrs.read_replicated(target, dir_fd=dir_fd))
+        dig = xattrs.digest(xattrs.read_replicated(target, dir_fd=dir_fd,
+                                                   scope=self.xattr_scope))
         return [type_of(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                 st.st_size, st.st_mtime_ns, dig, nlink]
 
-    def list_dir(self, gfid: bytes) -> list[list]:
+    def list_dir(self, gfid: bytes, names: list[bytes] | None = None) -> list[list]:
         """Entries of directory ``gfid`` as [name, gfid|None, type, mode, uid, gid, size,
         mtime_ns, xattr_digest, nlink] (nlink without our index link); NotFound if unknown.
+        With ``names``, only those entries (the ones that exist), without reading the
+        directory: the live crawl's re-check of the names its journal records name.
 
         Also re-records index entries found missing or stale, so the index heals itself.
         """
@@ -762,14 +769,15 @@ class SecondaryFS:
         # Our own fd: healing entries resolves other directories, which may evict this one.
         fd = os.dup(cached)
         try:
-            return self._list(fd, gfid)
+            return self._list(fd, gfid, names)
         finally:
             os.close(fd)
 
-    def _list(self, fd: int, gfid: bytes) -> list[list]:
+    def _list(self, fd: int, gfid: bytes, names: list[bytes] | None = None) -> list[list]:
         out: list[list] = []
-        for sname in sorted(os.listdir(fd)):
-            name = os.fsencode(sname)
+        listed = (sorted(set(names)) if names is not None
+                  else [os.fsencode(n) for n in sorted(os.listdir(fd))])
+        for name in listed:
             if gfid == ROOT_GFID and name == META_DIR:
                 continue
             try:

@@ -313,9 +313,29 @@ def gfid_list(v: Any) -> str | None:
     return None
 
 
+def name_list(v: Any) -> str | None:
+    """Up to 100,000 entry names (each a valid single path component)."""
+    if type(v) is not list:
+        return f"must be a list, not {type(v).__name__}"
+    if len(v) > MAX_OPS:
+        return f"holds {len(v)} names, more than {MAX_OPS}"
+    for index, n in enumerate(v):
+        why = name(n)
+        if why:
+            return f"item {index}: {why}"
+    return None
+
+
 def _sigs_extra(a: dict[str, Any]) -> str | None:
     if -(-a["length"] // a["block"]) > MAX_SIGS:
         return f"asks for more than {MAX_SIGS} block signatures"
+    return None
+
+
+def xattr_scope(v: Any) -> str | None:
+    """Which xattrs the session replicates: all, xattrs (no ACLs), acls or none."""
+    if v not in ("all", "xattrs", "acls", "none"):
+        return f"must be all, xattrs, acls or none, not {v!r:.40}"
     return None
 
 
@@ -323,9 +343,12 @@ METHODS: dict[str, Shape] = {
     # The optional fields identify the primary for the secondary's session lock.
     "hello": Shape({"version": str_len(0, 256), "protocol": uint63},
                    {"session": str_len(1, 256), "primary": str_len(0, PATH_MAX),
-                    "host": str_len(0, 256), "force": boolean}),
+                    "host": str_len(0, 256), "force": boolean,
+                    # Session settings the host applies (config keys, docs/config.md).
+                    "xattrs": xattr_scope, "idle_timeout": int_range(1, 1 << 31)}),
     "ops": Shape({"ops": ops_list}),
-    "list_dir": Shape({"gfid": gfid}, {"ordered": boolean}),
+    # ``names``: only these entries (missing ones are left out), not the whole directory.
+    "list_dir": Shape({"gfid": gfid}, {"ordered": boolean, "names": name_list}),
     "stat_gfid": Shape({"gfid": gfid}),
     "lookup": Shape({"gfids": gfid_list}),
     "data_sigs": Shape({"gfid": gfid, "offset": uint63, "length": uint63,
