@@ -84,7 +84,10 @@ def cmd_sync(a: argparse.Namespace) -> int:
                        ssh_command=a.ssh_command, remote_command=a.remote_command,
                        force=a.force, state_dir=a.state_dir, engine=a.engine,
                        bwlimit=a.bwlimit, compress=a.compress,
-                       allow_empty_primary=a.allow_empty_primary)
+                       allow_empty_primary=a.allow_empty_primary,
+                       exclude=tuple(a.exclude), ignore_deletes=a.ignore_deletes,
+                       sync_xattrs=a.sync_xattrs, sync_acls=a.sync_acls,
+                       secondary_timeout=a.secondary_timeout)
     stop = threading.Event()
     if not a.once:
         for sig in (signal.SIGTERM, signal.SIGINT):
@@ -266,6 +269,23 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--compress", action="store_true",
                    help="ssh compression (-C): helps on slow links, costs CPU and "
                    "throughput on fast ones")
+    s.add_argument("--exclude", action="append", default=[], metavar="PATTERN",
+                   help="do not replicate entries matching this glob (repeatable): a "
+                   "pattern without '/' matches names at any depth, one with '/' the path "
+                   "relative to PRIMARY, a trailing '/' only directories; an excluded "
+                   "directory is not descended, and what the secondary holds under an "
+                   "excluded name is left there (docs/config.md)")
+    s.add_argument("--ignore-deletes", action="store_true",
+                   help="do not propagate deletes: what is removed from PRIMARY stays on "
+                   "SECONDARY (renames are still applied; see docs/config.md)")
+    s.add_argument("--no-xattrs", dest="sync_xattrs", action="store_false",
+                   help="do not replicate extended attributes other than POSIX ACLs; those "
+                   "of SECONDARY are left alone")
+    s.add_argument("--no-acls", dest="sync_acls", action="store_false",
+                   help="do not replicate POSIX ACLs; those of SECONDARY are left alone")
+    s.add_argument("--secondary-timeout", type=float, metavar="SECONDS",
+                   help="the secondary host exits after this long without a request "
+                   "(default: its own, 120; the primary pings often enough)")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.set_defaults(func=cmd_sync)
 

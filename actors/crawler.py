@@ -28,9 +28,11 @@ from actors.faults import check_read
 from actors.inspect import Inspectable
 from actors.ledger import Ledger
 from actors.reconcile import (
+    NO_RULES,
     DataJob,
     Plan,
     Remote,
+    Rules,
     SeenLinks,
     SubDir,
     dir_meta_needed,
@@ -79,8 +81,10 @@ class Crawler(Inspectable, pykka.ThreadingActor):
 
     def __init__(self, primary: PrimaryTree, channel: Channel, batcher: Any, ledger: Ledger,
                  credits: threading.Semaphore, *, dirmap: DirMap | None = None,
-                 timeout: float = 600.0) -> None:
+                 timeout: float = 600.0, rules: Rules = NO_RULES) -> None:
         super().__init__()
+        #: Exclude patterns and ignore-deletes (config keys; actors/reconcile.Rules).
+        self.rules = rules
         self.primary = primary
         self.channel = channel
         self.batcher = batcher
@@ -143,6 +147,8 @@ class Crawler(Inspectable, pykka.ThreadingActor):
             if relpath is None:
                 unresolved.append(gfid)
                 continue
+            if self.rules.path_excluded(relpath, True):
+                continue  # under an excluded name (replicated before it was excluded)
             entry = self._dir_entry(relpath, gfid)
             if entry is None:
                 unresolved.append(gfid)
@@ -227,7 +233,7 @@ class Crawler(Inspectable, pykka.ThreadingActor):
                                  pgfid=d.gfid)
             remote = self._listing(todo)
             plan = plan_dir(d.gfid, sub.relpath, entries, remote, self.seen,
-                            force_data=self.force_data)
+                            force_data=self.force_data, rules=self.rules)
             if self.dirmap is not None:
                 for s in plan.subdirs:
                     self.dirmap.set(s.entry.gfid, d.gfid, s.entry.name)

@@ -9,6 +9,8 @@ slightly stale listing is still safe to apply.
 
 from __future__ import annotations
 
+import fnmatch
+import os
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +21,70 @@ from fsops.primary import Entry
 
 #: Regular files up to this size travel inline in their ``ensure`` op.
 INLINE_MAX = 64 * 1024
+
+
+class Rules:
+    """What a session chooses not to replicate (config keys exclude, ignore-deletes).
+
+    Exclude patterns are fnmatch globs on bytes, case-sensitive, like rsync's rules: a
+    pattern without ``/`` matches an entry's name at any depth; a pattern with ``/``
+    matches its path relative to the brick root (a leading ``/`` is dropped: paths are
+    anchored at the root; ``*`` crosses ``/``); a trailing ``/`` matches directories only.
+    An excluded entry is neither replicated nor, on the secondary, deleted; an excluded
+    directory is not descended.  With ``ignore_deletes`` a name the primary no longer has
+    stays on the secondary, unless the same object took another name in that directory
+    (a rename).
+    """
+
+    __slots__ = ("_names", "_paths", "ignore_deletes", "patterns")
+
+    def __init__(self, exclude: Iterable[str | bytes] = (), *,
+                 ignore_deletes: bool = False) -> None:
+        self.patterns = tuple(os.fsencode(p) for p in exclude if p)
+        self.ignore_deletes = ignore_deletes
+        #: (pattern, directories only) for name patterns and for path patterns.
+        self._names: list[tuple[bytes, bool]] = []
+        self._paths: list[tuple[bytes, bool]] = []
+        for p in self.patterns:
+            dir_only = p.endswith(b"/")
+            p = p.rstrip(b"/")
+            if not p:
+                continue
+            if b"/" in p:
+                self._paths.append((p.lstrip(b"/"), dir_only))
+            else:
+                self._names.append((p, dir_only))
+
+    def __bool__(self) -> bool:
+        return bool(self.patterns) or self.ignore_deletes
+
+    def __repr__(self) -> str:
+        return f"Rules(exclude={self.patterns!r}, ignore_deletes={self.ignore_deletes})"
+
+    def excluded(self, relpath: bytes, name: bytes, is_dir: bool) -> bool:
+        """True when the entry ``name`` at ``relpath`` (relative to the root) is excluded."""
+        for p, dir_only in self._names:
+            if (is_dir or not dir_only) and fnmatch.fnmatchcase(name, p):
+                return True
+        for p, dir_only in self._paths:
+            if (is_dir or not dir_only) and fnmatch.fnmatchcase(relpath, p):
+                return True
+        return False
+
+    def path_excluded(self, relpath: bytes, is_dir: bool) -> bool:
+        """True when ``relpath`` or one of the directories above it is excluded."""
+        if not self.patterns or not relpath:
+            return False
+        parts = relpath.split(b"/")
+        for i in range(len(parts)):
+            last = i == len(parts) - 1
+            if self.excluded(b"/".join(parts[:i + 1]), parts[i], is_dir or not last):
+                return True
+        return False
+
+
+#: Replicate everything, deletes included.
+NO_RULES = Rules()
 
 
 @dataclass(slots=True)
@@ -132,21 +198,30 @@ def _child(relpath: bytes, name: bytes) -> bytes:
 
 def plan_dir(pgfid: bytes, relpath: bytes, primary: Iterable[Entry],
              secondary: Iterable[Remote], seen: SeenLinks,
-             inline_max: int = INLINE_MAX, force_data: frozenset[bytes] = frozenset()) -> Plan:
+             inline_max: int = INLINE_MAX, force_data: frozenset[bytes] = frozenset(),
+             rules: Rules = NO_RULES) -> Plan:
     """Compute the ops that make the secondary directory ``pgfid`` equal the primary's.
 
     Order: ensures (creates, links, renames, adoptions, replacements), then deletes of
     names the primary no longer has, then meta of unchanged-name entries.  Ensures come
     before deletes so that a directory renamed within this directory is moved, not sent
     to limbo and back.  Files in ``force_data`` (the journal says their content changed)
-    get their data compared even when size and mtime match.
+    get their data compared even when size and mtime match.  ``rules``: entries excluded
+    on either side are left alone; with ignore-deletes only renames remove a name.
     """
     plan = Plan()
+    if rules.patterns:
+        primary = [e for e in primary
+                   if not rules.excluded(_child(relpath, e.name), e.name, e.type == T_DIR)]
+        secondary = [r for r in secondary
+                     if not rules.excluded(_child(relpath, r.name), r.name, r.type == T_DIR)]
     remote = {r.name: r for r in secondary}
     metas: list[dict[str, Any]] = []
     names: set[bytes] = set()
+    placed: set[bytes] = set()  # gfids the primary has in this directory
     for e in primary:
         names.add(e.name)
+        placed.add(e.gfid)
         r = remote.get(e.name)
         path = _child(relpath, e.name)
         in_place = r is not None and r.gfid == e.gfid and r.type == e.type
@@ -192,6 +267,8 @@ def plan_dir(pgfid: bytes, relpath: bytes, primary: Iterable[Entry],
         plan.entry_ops += 1
     for name, r in remote.items():
         if name not in names:
+            if rules.ignore_deletes and (r.gfid is None or r.gfid not in placed):
+                continue  # not a rename within this directory: a delete, left alone
             plan.ops.append({"op": "delete", "pgfid": pgfid, "name": name,
                              "gfid": r.gfid if r.gfid is not None else NO_GFID})
             plan.entry_ops += 1

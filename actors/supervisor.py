@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -37,6 +38,7 @@ from actors.inspect import Inspectable
 from actors.ledger import FILE_NAME as LEDGER_FILE
 from actors.ledger import Failure, Ledger
 from actors.live import CHANGELOG, HISTORY, HYBRID, Follower
+from actors.reconcile import Rules
 from actors.recorder_host import (
     Heartbeat,
     add_worker_pid,
@@ -44,9 +46,9 @@ from actors.recorder_host import (
     heartbeat,
     journal_dir,
 )
-from actors.remote import ConnectError, RemoteProxy
+from actors.remote import PING_INTERVAL, ConnectError, RemoteProxy
 from actors.syncer import Syncer
-from fsops import marks
+from fsops import marks, xattrs
 from fsops.constants import ROOT_GFID
 from fsops.dirmap import DirMap, default_state_root, make_private_dirs
 from fsops.journal import JournalReader
@@ -103,6 +105,24 @@ class SyncOptions:
     #: Continuous mode: this worker's own state directory (journal, dirmap), used instead
     #: of ``<state_dir>/sessions/<session>`` (the node gives each brick its own).
     worker_state: str | None = None
+    #: Glob patterns of entries not to replicate (actors/reconcile.Rules; docs/config.md).
+    exclude: tuple[str, ...] = ()
+    #: Leave on the secondary what the primary deletes (renames are still applied).
+    ignore_deletes: bool = False
+    #: Replicate xattrs other than ACLs (user, trusted, security), and POSIX ACLs; what
+    #: is not replicated is left alone on the secondary.
+    sync_xattrs: bool = True
+    sync_acls: bool = True
+    #: The secondary host exits after this long without a request (None: its default).
+    secondary_timeout: float | None = None
+
+    def rules(self) -> Rules:
+        """The exclude and ignore-deletes rules of the crawl."""
+        return Rules(self.exclude, ignore_deletes=self.ignore_deletes)
+
+    def xattr_scope(self) -> str:
+        """Which xattrs both ends manage (fsops.xattrs scopes)."""
+        return xattrs.scope_of(self.sync_xattrs, self.sync_acls)
 
 
 @dataclass
@@ -207,7 +227,7 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
         o = self.options
         t0 = time.monotonic()
         summary = Summary(o.primary, str(self.endpoint))
-        primary = PrimaryTree(os.fsencode(o.primary))
+        primary = PrimaryTree(os.fsencode(o.primary), xattr_scope=o.xattr_scope())
         try:
             self._connect()
             self.ledger.position_ns = marks.read_mark(primary.root_fd, self.session,
@@ -247,10 +267,20 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
         if self._remote is not None:
             self._remote.stop()
             self._remote = None
-        identity = {"session": self.session, "primary": os.path.abspath(o.primary),
-                    "host": socket.gethostname(), "force": o.force}
+        identity: dict[str, Any] = {"session": self.session,
+                                    "primary": os.path.abspath(o.primary),
+                                    "host": socket.gethostname(), "force": o.force}
+        # Session settings for the host, sent only when not its defaults (an older host
+        # that does not know them still accepts the default hello).
+        ping = PING_INTERVAL
+        if o.xattr_scope() != xattrs.ALL:
+            identity["xattrs"] = o.xattr_scope()
+        if o.secondary_timeout is not None:
+            identity["idle_timeout"] = max(1, math.ceil(o.secondary_timeout))
+            ping = min(ping, identity["idle_timeout"] / 4)
         self._remote = RemoteProxy.start(self.endpoint, ssh_command=self._ssh_command(),
-                                         remote_command=o.remote_command, identity=identity)
+                                         remote_command=o.remote_command, identity=identity,
+                                         ping_interval=ping)
         proxy = self._remote.proxy()
         proxy.connect().get(timeout=o.timeout)
         channel: Channel = proxy.channel().get(timeout=o.timeout)
@@ -310,7 +340,7 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
             batcher_ref = Batcher.start(channel, self.ledger, syncers, credits, max_ops=o.max_ops)
             started.append(batcher_ref)
             crawler_ref = Crawler.start(primary, channel, batcher_ref.proxy(), self.ledger,
-                                        credits, timeout=o.timeout)
+                                        credits, timeout=o.timeout, rules=o.rules())
             started.append(crawler_ref)
             crawler_ref.proxy().begin.defer(done)
             done.result(timeout=None)
@@ -381,7 +411,8 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
                     if primary is None:
                         check_root(os.path.abspath(o.primary), state_dir=self.state_dir,
                                    allow_empty=o.allow_empty_primary)
-                        primary = PrimaryTree(os.fsencode(o.primary))
+                        primary = PrimaryTree(os.fsencode(o.primary),
+                                              xattr_scope=o.xattr_scope())
                     if not self._keep_connection():
                         self._connect()
                         if self.endpoint.is_local and self._remote is not None:
@@ -536,7 +567,8 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
                                         credits, max_ops=o.max_ops)
             started.append(batcher_ref)
             crawler_ref = Crawler.start(primary, channel, batcher_ref.proxy(), self.ledger,
-                                        credits, dirmap=dirmap, timeout=o.timeout)
+                                        credits, dirmap=dirmap, timeout=o.timeout,
+                                        rules=o.rules())
             started.append(crawler_ref)
             crawler, batcher = crawler_ref.proxy(), batcher_ref.proxy()
 

@@ -312,7 +312,13 @@ def run_worker(name: str, brick_path: str) -> int:
         max_ops=int(session.get("batch-max-ops")), timeout=float(session.get("timeout")),
         session=name, ssh_command=session.get("ssh-command"),
         remote_command=session.get("remote-command"), state_dir=session.root,
-        recorder_linger=float(session.get("recorder-linger")), worker_state=brick.state)
+        recorder_linger=float(session.get("recorder-linger")), worker_state=brick.state,
+        exclude=tuple(p for p in session.get("exclude").split(",") if p),
+        ignore_deletes=session.get("ignore-deletes") == "true",
+        sync_xattrs=session.get("sync-xattrs") == "true",
+        sync_acls=session.get("sync-acls") == "true",
+        secondary_timeout=float(session.get("secondary-timeout"))
+        if session.is_set("secondary-timeout") else None)
     for attr, value in (("engine", session.get("sync-engine")),
                         ("bwlimit", parse_rate(bw) if bw != "0" else None),
                         ("compress", session.get("compress") == "true")):

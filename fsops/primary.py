@@ -75,8 +75,10 @@ def entry_type(mode: int) -> str:
 class PrimaryTree:
     """A primary brick root, opened once; everything below is reached beneath it."""
 
-    def __init__(self, root: bytes) -> None:
+    def __init__(self, root: bytes, *, xattr_scope: str = xattrs.ALL) -> None:
         self.root = os.path.abspath(root)
+        #: Which xattrs entries carry (fsops.xattrs scopes: config sync-xattrs, sync-acls).
+        self.xattr_scope = xattr_scope
         try:
             self.root_fd = os.open(self.root, _DIR_FLAGS | os.O_CLOEXEC)
         except FileNotFoundError:
@@ -131,7 +133,7 @@ class PrimaryTree:
     def root_entry(self) -> Entry:
         """The brick root as an Entry (its gfid is always ROOT_GFID)."""
         st = os.fstat(self.root_fd)
-        attrs = xattrs.read_replicated(self.root_fd)
+        attrs = xattrs.read_replicated(self.root_fd, scope=self.xattr_scope)
         return Entry(b"", ROOT_GFID, T_DIR, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                      0, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink,
                      st.st_ino, 0, None, attrs, xattrs.digest(attrs))
@@ -168,12 +170,7 @@ class PrimaryTree:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         t = entry_type(st.st_mode)
         gfid = gfids.ensure_gfid(name, st.st_ino, dir_fd=dir_fd, st=st)
-        attrs: dict[bytes, bytes] = {}
-        for xn in xattrs.names(name, dir_fd=dir_fd):
-            if xattrs.replicated(xn):
-                v = xattrs.get(name, xn, dir_fd=dir_fd)
-                if v is not None:
-                    attrs[xn] = v
+        attrs = xattrs.read_replicated(name, dir_fd=dir_fd, scope=self.xattr_scope)
         target = os.readlink(name, dir_fd=dir_fd) if t == T_SYMLINK else None
         return Entry(name, gfid, t, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                      st.st_size if t == T_FILE else 0, st.st_atime_ns, st.st_mtime_ns,

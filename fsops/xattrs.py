@@ -24,14 +24,32 @@ _SYSTEM_KEPT = frozenset({ACL_ACCESS, ACL_DEFAULT})
 
 _MISSING = (errno.ENODATA, errno.ENOTSUP)
 
+#: Which replicated xattrs a session manages (config keys sync-xattrs and sync-acls):
+#: everything, plain xattrs only (user, trusted, security; no POSIX ACLs), POSIX ACLs
+#: only, or nothing.  Both ends use the same scope: the primary reads and digests only
+#: those, the secondary compares, removes and sets only those, and leaves the rest alone.
+ALL, NO_ACLS, ACLS_ONLY, NONE = "all", "xattrs", "acls", "none"
+SCOPES = (ALL, NO_ACLS, ACLS_ONLY, NONE)
 
-def replicated(name: bytes) -> bool:
-    """True for xattrs that replication carries (not georep's own, only ACLs of system.*)."""
+
+def scope_of(sync_xattrs: bool, sync_acls: bool) -> str:
+    """The scope for the two config keys."""
+    if sync_xattrs:
+        return ALL if sync_acls else NO_ACLS
+    return ACLS_ONLY if sync_acls else NONE
+
+
+def replicated(name: bytes, scope: str = ALL) -> bool:
+    """True for xattrs that replication carries (not georep's own, only ACLs of system.*)
+    and that ``scope`` manages."""
     if name.startswith(OWN_XATTR_PREFIXES):
         return False
-    if name.startswith(b"system."):
-        return name in _SYSTEM_KEPT
-    return True
+    acl = name in _SYSTEM_KEPT
+    if name.startswith(b"system.") and not acl:
+        return False
+    if scope == ALL:
+        return True
+    return scope == (ACLS_ONLY if acl else NO_ACLS)
 
 
 def get(target: PathLike, name: bytes, *, dir_fd: int | None = None) -> bytes | None:
@@ -91,11 +109,15 @@ def names(target: PathLike, *, dir_fd: int | None = None) -> list[bytes]:
     return [os.fsencode(n) for n in raw]
 
 
-def read_replicated(target: PathLike, *, dir_fd: int | None = None) -> dict[bytes, bytes]:
-    """Every xattr that replication carries (user, trusted, security, POSIX ACLs)."""
+def read_replicated(target: PathLike, *, dir_fd: int | None = None,
+                    scope: str = ALL) -> dict[bytes, bytes]:
+    """Every xattr that replication carries (user, trusted, security, POSIX ACLs) within
+    ``scope`` (NONE: no syscall at all)."""
     out: dict[bytes, bytes] = {}
+    if scope == NONE:
+        return out
     for n in names(target, dir_fd=dir_fd):
-        if replicated(n):
+        if replicated(n, scope):
             v = get(target, n, dir_fd=dir_fd)
             if v is not None:
                 out[n] = v
@@ -116,14 +138,18 @@ def digest(attrs: Mapping[bytes, bytes]) -> bytes:
     return h.digest()
 
 
-def apply(target: PathLike, wanted: Mapping[bytes, bytes], *, dir_fd: int | None = None) -> None:
-    """Make the replicated xattrs of ``target`` exactly ``wanted``; georep's own are untouched."""
-    current = read_replicated(target, dir_fd=dir_fd)
+def apply(target: PathLike, wanted: Mapping[bytes, bytes], *, dir_fd: int | None = None,
+          scope: str = ALL) -> None:
+    """Make the replicated xattrs of ``target`` within ``scope`` exactly ``wanted``;
+    georep's own, and those outside the scope, are untouched."""
+    if scope == NONE:
+        return
+    current = read_replicated(target, dir_fd=dir_fd, scope=scope)
     for n in current:
         if n not in wanted:
             remove(target, n, dir_fd=dir_fd)
     for n, v in wanted.items():
-        if current.get(n) != v and replicated(n):
+        if current.get(n) != v and replicated(n, scope):
             set(target, n, v, dir_fd=dir_fd)
 
 
