@@ -216,3 +216,36 @@ def test_session_keys_live(op: Op, tmp_path: Path) -> None:  # noqa: F811
     checkpoint_completed(op, "k")
     assert (s / "after").read_text() == "after the timeout\n"
     assert (s / "d" / "del-me").exists() and not (s / "y.tmp").exists()
+
+
+def test_exclude_added_to_a_running_session(op: Op, tmp_path: Path) -> None:  # noqa: F811
+    """A directory replicated before it was excluded: changes inside it are neither
+    replayed from the journal (History Crawl) nor followed live, and its copy stays."""
+    p, s = tmp_path / "p", tmp_path / "s"
+    (p / "cache").mkdir(parents=True)
+    (p / "cache" / "old").write_text("replicated before the exclude\n")
+    (p / "other").write_text("o\n")
+    op("create", "x", p, s)
+    op("start", "x")
+    wait_for(lambda: active(op, "x"), 90, "the first crawl")
+    checkpoint_completed(op, "x")
+    assert (s / "cache" / "old").exists()
+    op("stop", "x")
+    op("config", "x", "exclude", "cache/,*.tmp")
+    (p / "cache" / "while-stopped").write_text("never\n")
+    (p / "cache" / "old").write_text("changed, never replicated\n")
+    (p / "stopped.tmp").write_text("never\n")
+    (p / "other").write_text("o2\n")
+    before = op.log("x").count("crawl=History Crawl")
+    op("start", "x")
+    wait_for(lambda: op.log("x").count("crawl=History Crawl") > before, 60,
+             "crawl=History Crawl in the log")
+    (p / "cache" / "live").write_text("never\n")
+    (p / "cache" / "sub").mkdir()
+    (p / "cache" / "sub" / "f").write_text("never\n")
+    (p / "live.tmp").write_text("never\n")
+    (p / "new").write_text("n\n")
+    checkpoint_completed(op, "x")
+    assert _names(s) == {"cache", "cache/old", "other", "new"}
+    assert (s / "cache" / "old").read_text() == "replicated before the exclude\n"
+    assert (s / "other").read_text() == "o2\n" and (s / "new").read_text() == "n\n"
