@@ -66,8 +66,12 @@ class Syncer(Inspectable, pykka.ThreadingActor):
         self._batch_size = 0
 
     def _rpc(self, method: str, args: dict[str, Any], payload: bytes | None) -> Future[Any]:
-        if payload and self.bucket is not None and method == "data_write":
-            self.bucket.consume(len(payload))
+        if payload and method == "data_write":
+            if self.bucket is not None:
+                self.bucket.consume(len(payload))
+            # Counted as it goes (not when the file is done): status's bytes/s over the
+            # last minute sees a large file moving.
+            self.ledger.count("data_bytes", len(payload))
         fut = self.channel.call_async(method, args, payload)
         if method == "data_write":
             fault("mid_data")  # a data transfer cut after its first write
@@ -236,6 +240,7 @@ class Syncer(Inspectable, pykka.ThreadingActor):
             self.ledger.count("data_files")
             self.tstats.files += 1
             self.tstats.bytes_sent += job.entry.size  # handed to the engine (not on the wire)
+            self.ledger.count("data_bytes", job.entry.size)
 
     def _primary_stat(self, job: DataJob) -> os.stat_result | None:
         """stat of the primary file if ``relpath`` still holds the job's gfid, else None."""

@@ -76,7 +76,9 @@ def test_sync_once_exclude_ignore_deletes_and_no_xattrs(tmp_path: Path, engine: 
     args = ["--engine", engine, "--exclude", "*.tmp", "--exclude", "cache/",
             "--exclude", "keep/logs", "--ignore-deletes", "--no-xattrs"]
 
-    sync_once(p, s, *args)
+    out = sync_once(p, s, *args)
+    # Large-file bytes are counted (status's bytes/s): all of a new file...
+    assert out["counters"]["data_bytes"] == BIG
     assert _names(s) == {"small.txt", "big.bin", "gone.txt", "old-name", "keep", "keep/ok",
                          "cache", "cache/mine", "local.tmp"}
     for f in ("small.txt", "big.bin"):
@@ -97,6 +99,9 @@ def test_sync_once_exclude_ignore_deletes_and_no_xattrs(tmp_path: Path, engine: 
     (p / "another.tmp").write_text("never replicated\n")
     out = sync_once(p, s, *args)
     assert out["ok"]
+    # ...and, natively, only the changed block of a changed one (engines: the file).
+    moved = out["counters"]["data_bytes"]
+    assert (0 < moved < BIG) if engine == "native" else moved == BIG
     assert _names(s) == {"small.txt", "big.bin", "gone.txt", "new-name", "keep", "keep/ok",
                          "cache", "cache/mine", "local.tmp"}
     assert (s / "gone.txt").read_text() == "deleted later\n"  # ignore-deletes
