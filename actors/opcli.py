@@ -8,6 +8,7 @@ through :func:`add_operator_commands`.  See README.md, docs/config.md, docs/stat
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import shutil
@@ -29,6 +30,23 @@ def _fail(cmd: str, msg: str, code: int = EXIT_ERROR) -> int:
     return code
 
 
+Command = Callable[[argparse.Namespace], int]
+
+
+def _command(cmd: str) -> Callable[[Command], Command]:
+    """Decorator: a SessionError anywhere in the command (no such session, damaged config,
+    bad value...) ends it with ``georep-node CMD: reason`` on stderr and exit status 2."""
+    def wrap(fn: Command) -> Command:
+        @functools.wraps(fn)
+        def run(a: argparse.Namespace) -> int:
+            try:
+                return fn(a)
+            except SessionError as e:
+                return _fail(cmd, str(e))
+        return run
+    return wrap
+
+
 def _wait(cond: Callable[[], Any], timeout: float) -> Any:
     deadline = time.monotonic() + timeout
     while True:
@@ -44,6 +62,7 @@ def _bricks(name: str) -> list[dict[str, Any]]:
 
 # -- commands -----------------------------------------------------------------------------
 
+@_command("create")
 def cmd_create(a: argparse.Namespace) -> int:
     if len(a.paths) < 2:
         return _fail("create", "give at least one PRIMARY and the SECONDARY")
@@ -53,20 +72,15 @@ def cmd_create(a: argparse.Namespace) -> int:
         if not sep:
             return _fail("create", f"--config {item!r}: expected KEY=VALUE")
         config[key.strip()] = value
-    try:
-        s = Session.create(a.name, a.paths[:-1], a.paths[-1], config)
-    except SessionError as e:
-        return _fail("create", str(e))
+    s = Session.create(a.name, a.paths[:-1], a.paths[-1], config)
     print(f"session {s.name} created: {', '.join(s.primaries)} -> {s.secondary} "
           f"(georep-node start {s.name})")
     return EXIT_OK
 
 
+@_command("start")
 def cmd_start(a: argparse.Namespace) -> int:
-    try:
-        s = Session(a.name).load()
-    except SessionError as e:
-        return _fail("start", str(e))
+    s = Session(a.name).load()
     t0 = time.time()
     s.set_started(True)
     try:
@@ -93,11 +107,9 @@ def cmd_start(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_command("stop")
 def cmd_stop(a: argparse.Namespace) -> int:
-    try:
-        s = Session(a.name).load()
-    except SessionError as e:
-        return _fail("stop", str(e))
+    s = Session(a.name).load()
     was = s.started
     s.set_started(False)
     if node_pid(s.root) is not None:
@@ -121,10 +133,7 @@ def cmd_stop(a: argparse.Namespace) -> int:
 
 def _pause(a: argparse.Namespace, on: bool) -> int:
     cmd = "pause" if on else "resume"
-    try:
-        s = Session(a.name).load()
-    except SessionError as e:
-        return _fail(cmd, str(e))
+    s = Session(a.name).load()
     if not s.started:
         return _fail(cmd, f"session {s.name} is not started")
     s.set_paused(on)
@@ -142,19 +151,19 @@ def _pause(a: argparse.Namespace, on: bool) -> int:
     return EXIT_OK
 
 
+@_command("pause")
 def cmd_pause(a: argparse.Namespace) -> int:
     return _pause(a, True)
 
 
+@_command("resume")
 def cmd_resume(a: argparse.Namespace) -> int:
     return _pause(a, False)
 
 
+@_command("delete")
 def cmd_delete(a: argparse.Namespace) -> int:
-    try:
-        s = Session(a.name).load()
-    except SessionError as e:
-        return _fail("delete", str(e))
+    s = Session(a.name).load()
     if s.started or stray_workers(s):
         return _fail("delete", f"session {s.name} is running; stop it first "
                      f"(georep-node stop {s.name})")
@@ -179,11 +188,9 @@ def cmd_delete(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_command("status")
 def cmd_status(a: argparse.Namespace) -> int:
-    try:
-        doc = status_json(state_root(), a.name)
-    except SessionError as e:
-        return _fail("status", str(e))
+    doc = status_json(state_root(), a.name)
     if a.json:
         print(json.dumps(doc, indent=2, sort_keys=True))
     else:
@@ -191,63 +198,57 @@ def cmd_status(a: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+@_command("config")
 def cmd_config(a: argparse.Namespace) -> int:
-    try:
-        s = Session(a.name).load()
-        if a.reset:
-            s.reset(a.reset)
-            print(f"{a.reset} reset to its default ({KEYS[a.reset].default!r})")
-        elif a.key is None:
-            for k in sorted(KEYS):
-                note = "" if KEYS[k].used else "    # accepted, not yet used"
-                dflt = "" if s.is_set(k) else "    # default"
-                print(f"{k}={s.get(k)}{dflt}{note}")
-            return EXIT_OK
-        elif a.value is None:
-            print(s.get(a.key))
-            return EXIT_OK
-        else:
-            v = s.set(a.key, a.value)
-            print(f"{a.key}={v}")
-    except SessionError as e:
-        return _fail("config", str(e))
+    s = Session(a.name).load()
+    if a.reset:
+        s.reset(a.reset)
+        print(f"{a.reset} reset to its default ({KEYS[a.reset].default!r})")
+    elif a.key is None:
+        for k in sorted(KEYS):
+            note = "" if KEYS[k].used else "    # accepted, not yet used"
+            dflt = "" if s.is_set(k) else "    # default"
+            print(f"{k}={s.get(k)}{dflt}{note}")
+        return EXIT_OK
+    elif a.value is None:
+        print(s.get(a.key))
+        return EXIT_OK
+    else:
+        v = s.set(a.key, a.value)
+        print(f"{a.key}={v}")
     if s.started:
         print(f"(takes effect when the workers restart: georep-node stop {s.name} && "
               f"georep-node start {s.name})")
     return EXIT_OK
 
 
+@_command("checkpoint")
 def cmd_checkpoint(a: argparse.Namespace) -> int:
-    try:
-        s = Session(a.name).load()
-        if a.when is None:
-            t = s.checkpoint()
-            if t is None:
-                print("no checkpoint")
-            else:
-                sd = collect(None, s.name)[0]["checkpoint"]
-                state = "completed at " + time.strftime(
-                    "%Y-%m-%d %H:%M:%S", time.localtime(sd["completion_time"])) \
-                    if sd and sd["completed"] else "not completed"
-                print(f"checkpoint {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t))} "
-                      f"({t:.0f}): {state}")
-            return EXIT_OK
-        t = parse_checkpoint(a.when)
-    except SessionError as e:
-        return _fail("checkpoint", str(e))
+    s = Session(a.name).load()
+    if a.when is None:
+        t = s.checkpoint()
+        if t is None:
+            print("no checkpoint")
+        else:
+            sd = collect(None, s.name)[0]["checkpoint"]
+            state = "completed at " + time.strftime(
+                "%Y-%m-%d %H:%M:%S", time.localtime(sd["completion_time"])) \
+                if sd and sd["completed"] else "not completed"
+            print(f"checkpoint {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t))} "
+                  f"({t:.0f}): {state}")
+        return EXIT_OK
+    t = parse_checkpoint(a.when)
     s.set_checkpoint(t)
     print(f"checkpoint set to {time.strftime('%Y-%m-%d %H:%M:%S', time.localtime(t))} "
           f"({t:.3f})")
     return EXIT_OK
 
 
+@_command("failures")
 def cmd_failures(a: argparse.Namespace) -> int:
     from actors.session import read_json
 
-    try:
-        s = Session(a.name).load()
-    except SessionError as e:
-        return _fail("failures", str(e))
+    s = Session(a.name).load()
     rows: list[dict[str, Any]] = []
     for b in s.bricks():
         doc = read_json(os.path.join(b.state, "failures.json")) or {}
