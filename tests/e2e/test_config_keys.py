@@ -19,8 +19,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from tests.e2e.helpers import sync_once, wait_for
+from tests.e2e.helpers import georep, sync_once, wait_for
 from tests.e2e.test_operator import Op, active, checkpoint_completed, op  # noqa: F401
+from tests.support.sshd import REMOTE_COMMAND, SshServer
 
 pytestmark = pytest.mark.timeout(300)
 
@@ -254,3 +255,28 @@ def test_exclude_added_to_a_running_session(op: Op, tmp_path: Path) -> None:  # 
     assert _names(s) == {"cache", "cache/old", "other", "new"}
     assert (s / "cache" / "old").read_text() == "replicated before the exclude\n"
     assert (s / "other").read_text() == "o2\n" and (s / "new").read_text() == "n\n"
+
+
+def test_over_ssh_with_a_restricted_key(sshd: SshServer, tmp_path: Path) -> None:
+    """The host's settings travel in the hello, so a forced command (restricted key) that
+    ignores the client's argv still applies them."""
+    p, s = tmp_path / "p", tmp_path / "allowed"
+    p.mkdir()
+    (p / "f").write_text("f\n")
+    (p / "x.tmp").write_text("never\n")
+    os.setxattr(p / "f", "user.primary", b"p")
+    key = tmp_path / "keys" / "georep_ed25519"
+    proc = georep("ssh-key", "--key", key, "--generate", "--root", s,
+                  "--remote-command", REMOTE_COMMAND)
+    assert proc.returncode == 0, proc.stderr
+    sshd.restricted_keys.write_text(proc.stdout.strip() + "\n")
+    try:
+        spec = f"{sshd.user}@{sshd.host}:{s}"
+        common = ["--ssh-command", sshd.ssh_command(key), "--remote-command", REMOTE_COMMAND,
+                  "--exclude", "*.tmp", "--no-xattrs", "--secondary-timeout", "3"]
+        proc = georep("sync", p, spec, "--once", *common)
+        assert proc.returncode == 0, proc.stderr
+        assert _names(s) == {"f"}
+        assert _xattr(s / "f", "user.primary") is None
+    finally:
+        sshd.restricted_keys.write_text("")
