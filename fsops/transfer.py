@@ -174,7 +174,8 @@ def push_file(
     remote_size: int | None,
     stats: TransferStats,
     block: int = DEFAULT_BLOCK,
-    window: int = 64 << 20,
+    window: int = 16 << 20,
+    ahead: int = 64 << 20,
     max_write: int = 1 << 20,
     timeout: float = 300,
 ) -> None:
@@ -182,12 +183,12 @@ def push_file(
 
     ``remote_size`` None or 0 (new or empty on the secondary): the data extents are sent as is,
     holes are skipped (``data_finish`` extends the file, so they stay holes). Otherwise the file
-    is compared block by block in windows of ``window`` bytes, the next window's remote
-    signatures being requested before the current one is hashed locally, so both sides hash
-    concurrently; only differing blocks are written, and blocks that are holes on the primary
-    but hold data on the secondary are punched. A primary file modified meanwhile raises
-    :class:`FileChanged` and ``data_finish`` (which stamps size, owner, mode and times) is not
-    sent. Errors from the secondary are raised (the first one) after all replies are in.
+    is compared block by block in windows of ``window`` bytes, the secondary's signatures of
+    up to ``ahead`` bytes being requested before this side hashes the same range, so both
+    sides hash concurrently; only differing blocks are written, and blocks that are holes on
+    the primary but hold data on the secondary are punched. A primary file modified meanwhile
+    raises :class:`FileChanged` and ``data_finish`` (which stamps size, owner, mode and times)
+    is not sent. Errors from the secondary are raised (the first one) after all replies are in.
     """
     if block <= 0 or max_write <= 0:
         raise ValueError("block and max_write must be positive")
@@ -199,7 +200,7 @@ def push_file(
         for off, length in data_extents(fd, size):
             sender.send_range(off, length)
     else:
-        _delta(rpc, sender, gfid, fd, size, stats, block, window, timeout)
+        _delta(rpc, sender, gfid, fd, size, remote_size, stats, block, window, ahead, timeout)
     sender.flush_write()
     sender.flush_hole()
     # Every write must have succeeded before data_finish stamps the times; on an early error
@@ -222,38 +223,54 @@ def _delta(
     gfid: bytes,
     fd: int,
     size: int,
+    remote_size: int,
     stats: TransferStats,
     block: int,
     window: int,
+    ahead: int,
     timeout: float,
 ) -> None:
-    """Block-signature comparison of ``[0, size)`` against the secondary, window by window."""
-    window = max(block, min(window, block * MAX_SIGS_PER_REQUEST) // block * block)
+    """Block-signature comparison of ``[0, size)`` against the secondary, window by window.
 
-    def request(off: int) -> concurrent.futures.Future | None:
+    Up to ``ahead`` bytes of ``data_sigs`` windows are requested before their replies are
+    needed, and each window is hashed here *before* waiting for its reply, so both sides hash
+    the same window at the same time (one core each) instead of taking turns. The local
+    hashing is limited to what ``remote_size`` (the crawler's idea of the secondary's size)
+    says can be compared; when the reply shows the secondary holds more, the rest of the
+    window is hashed after it.
+    """
+    window = max(block, min(window, block * MAX_SIGS_PER_REQUEST) // block * block)
+    depth = max(1, ahead // window)
+    inflight: deque[tuple[int, concurrent.futures.Future]] = deque()
+    next_off = 0
+
+    def request() -> None:
         # Asked even past ``remote_size``: the crawler's idea of the secondary's size may be
         # stale, and a longer secondary must not keep old data where the primary has holes.
-        if off >= size:
-            return None
-        length = min(window, size - off)
-        args = {"gfid": gfid, "offset": off, "length": length, "block": block}
-        return rpc("data_sigs", args, None)
+        nonlocal next_off
+        while next_off < size and len(inflight) < depth:
+            length = min(window, size - next_off)
+            args = {"gfid": gfid, "offset": next_off, "length": length, "block": block}
+            inflight.append((next_off, rpc("data_sigs", args, None)))
+            next_off += length
 
-    nxt = request(0)
-    off = 0
-    while off < size:
-        cur = nxt
-        nxt = request(off + window)  # pipelined: the secondary hashes it while we hash this one
+    request()
+    while inflight:
+        off, fut = inflight.popleft()
+        request()  # keep ``depth`` windows queued on the secondary while this one is hashed
         wend = min(off + window, size)
-        assert cur is not None
-        reply = cur.result(timeout)
+        # Hash locally what the secondary can have (whole blocks), while it hashes its copy.
+        hinted = min(wend - off, max(0, -(-(remote_size - off) // block) * block))
+        local_sigs = block_sigs(fd, off, hinted, block)
+        reply = fut.result(timeout)
         remote_sigs = bytes(reply["sigs"])
         r_size = int(reply["size"])
         stats.sig_bytes += len(remote_sigs)
         n_remote = len(remote_sigs) // SIG_SIZE
+        need = min(wend - off, n_remote * block)
+        if need > hinted:  # the secondary is longer than we were told
+            local_sigs += block_sigs(fd, off + hinted, need - hinted, block)
         extents = [(s, s + n) for s, n in data_extents(fd, wend, start=off)]
-        # Hash locally only where the secondary has something to compare with.
-        local_sigs = block_sigs(fd, off, min(wend - off, n_remote * block), block)
         ei = 0
         for i, b_off in enumerate(range(off, wend, block)):
             b_len = min(block, wend - b_off)
@@ -272,4 +289,3 @@ def _delta(
                 stats.bytes_matched += b_len
             else:
                 sender.write_block(b_off, b_len)
-        off += window

@@ -36,7 +36,9 @@ from .schema import validate_request
 log = logging.getLogger(__name__)
 
 MAGIC = b"GEOREP-SECONDARY"
-PROTOCOL = 1
+#: Wire protocol version, checked at hello (docs/protocol.md): 2 = data_sigs carry XXH3-128
+#: block signatures (1 had blake2b-128: mixed peers would see every block differ).
+PROTOCOL = 2
 VERSION = "0.1.0"
 MAX_ID = 2**63 - 1
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import fcntl
-import hashlib
 import os
 from pathlib import Path
 
 import pytest
+import xxhash
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fsops import blocks
 from fsops.blocks import (
     SIG_SIZE,
+    block_sig,
     block_sigs,
     data_extents,
     handle_hole,
@@ -32,7 +33,7 @@ MiB = 1 << 20
 def _ref_sigs(data: bytes, offset: int, length: int, block: int) -> bytes:
     part = data[offset : offset + length]
     return b"".join(
-        hashlib.blake2b(part[i : i + block], digest_size=SIG_SIZE).digest()
+        xxhash.xxh3_128_digest(part[i : i + block])
         for i in range(0, len(part), block)
     )
 
@@ -161,9 +162,18 @@ def test_block_sigs_sparse_uses_zero_sig(tmp_path: Path) -> None:
         os.close(fd)
 
 
+def test_block_sig_is_xxh3_128() -> None:
+    """The wire format of protocol 2, pinned by XXH3-128's reference value for no input
+    (seed 0, canonical big-endian) and a stable value for b"abc"."""
+    assert block_sig(b"") == bytes.fromhex("99aa06d3014798d86001c324468d497f")
+    assert block_sig(b"abc") == bytes.fromhex("06b05ab6733a618578af5f94892f3950")
+    assert block_sig(memoryview(bytearray(b"abc"))) == block_sig(b"abc")
+    assert len(block_sig(os.urandom(1000))) == SIG_SIZE == 16
+
+
 def test_zero_sig() -> None:
-    assert zero_sig(0) == hashlib.blake2b(b"", digest_size=16).digest()
-    assert zero_sig(4096) == hashlib.blake2b(bytes(4096), digest_size=16).digest()
+    assert zero_sig(0) == xxhash.xxh3_128_digest(b"")
+    assert zero_sig(4096) == xxhash.xxh3_128_digest(bytes(4096))
     assert zero_sig(4096) is zero_sig(4096)
 
 

@@ -10,7 +10,6 @@ import concurrent.futures
 import os
 import shutil
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from fsops import transfer
 from fsops.blocks import (
     handle_hole,
     handle_sigs,
@@ -44,6 +44,12 @@ class LocalRpc:
     def __call__(self, method: str, args: dict, payload: bytes | None) -> concurrent.futures.Future:
         self.calls.append(method)
         fut: concurrent.futures.Future = concurrent.futures.Future()
+        self._run(fut, method, args, payload)
+        return fut
+
+    def _run(
+        self, fut: concurrent.futures.Future, method: str, args: dict, payload: bytes | None
+    ) -> None:
         try:
             assert args["gfid"] == GFID
             if self.hook is not None:
@@ -67,7 +73,43 @@ class LocalRpc:
             fut.set_exception(e)
         else:
             fut.set_result(result)
+
+
+class _Reply(concurrent.futures.Future):
+    """A reply that arrives only when waited for: the requests queued before it are then
+    applied, in order, as the secondary's single applier thread would."""
+
+    def __init__(self, rpc: DeferredRpc, method: str, args: dict) -> None:
+        super().__init__()
+        self.rpc, self.method, self.args = rpc, method, args
+
+    def result(self, timeout: float | None = None) -> object:
+        self.rpc.waits.append((self.method, self.args.get("offset"), self.rpc.issued_sigs))
+        self.rpc.apply_through(self)
+        return super().result(timeout)
+
+
+class DeferredRpc(LocalRpc):
+    """LocalRpc whose requests are applied lazily, in order, when a reply is first needed."""
+
+    def __init__(self, dst_fd: int, hook: Callable[[str, dict], None] | None = None) -> None:
+        super().__init__(dst_fd, hook)
+        self.queue: list[tuple[_Reply, bytes | None]] = []
+        #: (method, offset, data_sigs requests issued so far) each time a reply is awaited.
+        self.waits: list[tuple[str, int | None, int]] = []
+        self.issued_sigs = 0
+
+    def __call__(self, method: str, args: dict, payload: bytes | None) -> concurrent.futures.Future:
+        self.calls.append(method)
+        self.issued_sigs += method == "data_sigs"
+        fut = _Reply(self, method, args)
+        self.queue.append((fut, payload))
         return fut
+
+    def apply_through(self, fut: _Reply) -> None:
+        while not fut.done():
+            head, payload = self.queue.pop(0)
+            self._run(head, head.method, head.args, payload)
 
 
 def _meta(fd: int) -> dict:
@@ -87,14 +129,18 @@ def _push(
     *,
     full: bool = False,
     hook: Callable[[str, dict], None] | None = None,
+    deferred: bool = False,
+    remote_size: int | None = None,
     **kw: int,
 ) -> tuple[TransferStats, LocalRpc]:
     stats = TransferStats()
     sfd = open_for_read(bytes(src))
     dfd = os.open(dst, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        rpc = LocalRpc(dfd, hook)
+        rpc = (DeferredRpc if deferred else LocalRpc)(dfd, hook)
         remote = None if full else os.fstat(dfd).st_size
+        if remote_size is not None:
+            remote = remote_size
         push_file(rpc, GFID, sfd, meta=_meta(sfd), remote_size=remote, stats=stats, **kw)
     finally:
         os.close(sfd)
@@ -146,6 +192,12 @@ def test_full_copy_empty_file(tmp_path: Path) -> None:
     assert stats.writes == 0 and stats.files == 1
 
 
+def _bytes_read() -> int:
+    """Bytes this process passed through read/pread so far (``rchar`` of /proc/self/io)."""
+    with open("/proc/self/io") as f:
+        return int(f.readline().split()[1])
+
+
 def test_full_copy_sparse_256m(tmp_path: Path) -> None:
     src, dst = tmp_path / "src", tmp_path / "dst"
     fd = os.open(src, os.O_RDWR | os.O_CREAT, 0o600)
@@ -155,17 +207,18 @@ def test_full_copy_sparse_256m(tmp_path: Path) -> None:
             os.pwrite(fd, os.urandom(100_000), off)
     finally:
         os.close(fd)
-    t0 = time.monotonic()
+    r0 = _bytes_read()
     stats, _ = _push(src, dst, full=True)
-    elapsed = time.monotonic() - t0
+    assert _bytes_read() - r0 < 1 * MiB  # the four data extents only, no hole read
     assert _same(src, dst)
     assert dst.stat().st_blocks <= src.stat().st_blocks + 8
     assert stats.bytes_sent < 1 * MiB
-    assert elapsed < 5
-    # A delta pass over the same sparse pair sends nothing and stays fast (holes not hashed).
-    t0 = time.monotonic()
+    # A delta pass over the same sparse pair sends nothing and reads no hole, on either side
+    # (both run in this process): only the blocks holding the 4 data extents (<= 2 blocks
+    # each, per side) are read to be hashed.
+    r1 = _bytes_read()
     stats, _ = _push(src, dst)
-    assert time.monotonic() - t0 < 5
+    assert _bytes_read() - r1 <= 2 * 4 * 2 * BLOCK
     assert stats.bytes_sent == 0 and stats.holes_punched == 0
     assert stats.bytes_matched == 256 * MiB
     assert dst.stat().st_blocks <= src.stat().st_blocks + 8
@@ -268,6 +321,82 @@ def test_delta_stale_remote_size(big_pair: Path, tmp_path: Path) -> None:
     assert stats.bytes_sent == 0 and stats.holes_punched == 1
 
 
+class _HashLog:
+    """Wraps the real fsops.transfer.block_sigs to log which ranges the primary hashes."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        self.rpc: DeferredRpc | None = None
+        self.ranges: list[tuple[int, int]] = []
+        real = transfer.block_sigs
+
+        def spy(fd: int, offset: int, length: int, block: int) -> bytes:
+            self.ranges.append((offset, length))
+            if self.rpc is not None:
+                self.rpc.waits.append(("hash", offset, self.rpc.issued_sigs))
+            return real(fd, offset, length, block)
+
+        monkeypatch.setattr(transfer, "block_sigs", spy)
+
+
+def test_delta_hashes_each_window_while_the_secondary_does(
+    big_pair: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Signatures of ``ahead`` bytes are requested first, and each window is hashed here
+    before its reply is awaited, so both sides hash concurrently."""
+    src, dst = _copy(big_pair, tmp_path)
+    with open(src, "r+b") as f:
+        f.seek(33 * MiB)
+        f.write(os.urandom(MiB))
+    hashes = _HashLog(monkeypatch)
+    stats = TransferStats()
+    sfd = open_for_read(bytes(src))
+    dfd = os.open(dst, os.O_RDWR)
+    try:
+        rpc = DeferredRpc(dfd)
+        hashes.rpc = rpc
+        push_file(rpc, GFID, sfd, meta=_meta(sfd), remote_size=64 * MiB, stats=stats,
+                  window=4 * MiB, ahead=16 * MiB)
+    finally:
+        os.close(sfd)
+        os.close(dfd)
+    assert _same(src, dst)
+    assert stats.bytes_sent == MiB and stats.bytes_matched == 63 * MiB
+    windows = list(range(0, 64 * MiB, 4 * MiB))
+    assert rpc.calls.count("data_sigs") == len(windows)
+    events = [(what, off) for what, off, _n in rpc.waits]
+    for k, off in enumerate(windows):
+        hashed = events.index(("hash", off))
+        waited = events.index(("data_sigs", off))
+        assert hashed < waited
+        # While window k is hashed, the secondary has windows k .. k+4 queued.
+        assert rpc.waits[hashed][2] == min(len(windows), k + 5)
+    # Each block hashed exactly once, all of it before its reply.
+    assert hashes.ranges == [(off, 4 * MiB) for off in windows]
+
+
+@pytest.mark.parametrize("hint", [1, 10 * MiB, 64 * MiB, 200 * MiB])
+def test_delta_remote_size_hint_only_limits_hashing_ahead(
+    big_pair: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, hint: int
+) -> None:
+    """A stale ``remote_size`` (too small or too large) changes only when blocks are hashed,
+    never the result; each block the secondary holds is hashed exactly once."""
+    src, dst = _copy(big_pair, tmp_path)
+    os.truncate(dst, 40 * MiB + 5)
+    hashes = _HashLog(monkeypatch)
+    stats, _ = _push(src, dst, deferred=True, remote_size=hint, window=8 * MiB)
+    assert _same(src, dst)
+    assert stats.bytes_matched == 40 * MiB
+    assert stats.bytes_sent == 24 * MiB
+    covered = sorted(r for r in hashes.ranges if r[1])
+    pos = 0
+    for off, length in covered:
+        assert off == pos  # contiguous, no overlap
+        pos += length
+    # What was compared (40 MiB + 5 rounded up to a block) plus, for a hint too large,
+    # the hinted blocks of the windows the secondary turned out not to cover.
+    assert pos == max(40 * MiB + BLOCK, min(-(-hint // BLOCK) * BLOCK, 64 * MiB))
+
+
 def test_delta_hole_punched_in_source(big_pair: Path, tmp_path: Path) -> None:
     src, dst = _copy(big_pair, tmp_path)
     fd = os.open(src, os.O_RDWR)
@@ -364,6 +493,7 @@ def _run_property(
     window: int,
     max_write: int,
     full: bool,
+    deferred: bool = False,
 ) -> TransferStats:
     with tempfile.TemporaryDirectory() as d:
         src, dst = Path(d) / "src", Path(d) / "dst"
@@ -377,7 +507,8 @@ def _run_property(
             finally:
                 os.close(fd)
         expect = src.read_bytes()
-        stats, _ = _push(src, dst, full=full, block=block, window=window, max_write=max_write)
+        stats, _ = _push(src, dst, full=full, block=block, window=window, max_write=max_write,
+                         deferred=deferred)
         assert dst.read_bytes() == expect
         return stats
 
@@ -389,9 +520,13 @@ def _run_property(
     window=st.sampled_from([16, 48, 64, 1 << 20]),
     max_write=st.sampled_from([1, 16, 40, 1 << 20]),
     full=st.booleans(),
+    deferred=st.booleans(),
 )
-def test_property_small(src: bytes, dst: bytes, window: int, max_write: int, full: bool) -> None:
-    _run_property(src, dst, [], block=16, window=window, max_write=max_write, full=full)
+def test_property_small(
+    src: bytes, dst: bytes, window: int, max_write: int, full: bool, deferred: bool
+) -> None:
+    _run_property(src, dst, [], block=16, window=window, max_write=max_write, full=full,
+                  deferred=deferred)
 
 
 @settings(max_examples=40, deadline=None)
@@ -414,7 +549,8 @@ def test_property_sparse_4k(
     s += os.urandom(tail) if s else b""
     d = build(dst_blocks)
     stats = _run_property(
-        s, d, [(o * p, n * p) for o, n in holes], block=p, window=3 * p, max_write=2 * p, full=False
+        s, d, [(o * p, n * p) for o, n in holes], block=p, window=3 * p, max_write=2 * p,
+        full=False, deferred=True,
     )
     assert stats.files == 1
 

@@ -227,7 +227,7 @@ def test_protocol_mismatch(pipes: Pipes) -> None:
     pipes.run_server(lambda: serve(pipes.server_in, pipes.server_out,
                                    lambda m, a, p: hello_reply(protocol=99),
                                    on_error_log=lambda line: None))
-    with pytest.raises(HandshakeError, match="primary speaks 1, secondary speaks 99"):
+    with pytest.raises(HandshakeError, match=f"primary speaks {PROTOCOL}, secondary speaks 99"):
         pipes.channel().handshake(WAIT)
 
 
@@ -340,14 +340,14 @@ def test_max_in_flight_backpressure(pipes: Pipes) -> None:
 
 SERVER_SCRIPT = textwrap.dedent("""
     import os, sys
-    from transport import claim_stdio, serve
+    from transport import PROTOCOL, claim_stdio, serve
 
     stdin, stdout = claim_stdio()
     print("stray print goes to stderr")
 
     def handler(method, args, payload):
         if method == "hello":
-            return {"version": "t", "protocol": 1, "root_dev": 0, "pid": os.getpid(),
+            return {"version": "t", "protocol": PROTOCOL, "root_dev": 0, "pid": os.getpid(),
                     "host": "local"}
         sys.stderr.write("handling %s\\n" % method)
         sys.stderr.flush()
