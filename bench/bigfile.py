@@ -16,6 +16,10 @@ all tools with the same ssh options:
    which counts the bytes of the ssh channel both ways (stdin/stdout of the ssh
    client), so georep's protocol overhead (framing, signatures, lookups) is counted the
    same way as rsync's.  georep's own ``--json`` transfer counters are recorded next to it.
+   CPU time is counted on both sides: here (the tool and its ssh client, from ``wait4``)
+   and there (the process sshd starts: ``georep-node secondary`` or the remote rsync),
+   by running the remote command under GNU ``/usr/bin/time -o FILE`` (same machine);
+   without ``/usr/bin/time`` the "there" column is left out.
 2. **ceiling**: ``dd if=FILE of=/dev/null bs=1M`` after ``echo 3 >
    /proc/sys/vm/drop_caches`` (cold disk read; root only, benchmark only), the same with
    a warm cache, ``cat FILE | ssh HOST 'cat > /dev/null'`` (the ssh pipe), and georep's
@@ -54,9 +58,11 @@ from bench.common import (
     write_results,
 )
 from bench.ssh import cat_cmd, georep_cmd, run_georep
-from tests.support.sshd import SshServer, sshd_missing, start_sshd
+from tests.support.sshd import REMOTE_COMMAND, SshServer, sshd_missing, start_sshd
 
 SSHCOUNT = REPO / "bench" / "sshcount.py"
+#: GNU time, to count the remote side's CPU (the remote process is sshd's child, not ours).
+GNU_TIME = "/usr/bin/time"
 DELTA_TOOLS = ("georep", "rsync-inplace", "rsync")
 TARGET_BYTES_RATIO = 1.2
 
@@ -88,9 +94,27 @@ def drop_caches() -> bool:
         return False
 
 
-def rsync_argv(ssh: str, server: SshServer, src: Path, dst: Path, inplace: bool) -> list[str]:
-    return ["rsync", "-aHAX", "--numeric-ids", *(["--inplace"] if inplace else []), "-e", ssh,
+def rsync_argv(ssh: str, server: SshServer, src: Path, dst: Path, inplace: bool,
+               rsync_path: str | None = None) -> list[str]:
+    return ["rsync", "-aHAX", "--numeric-ids", *(["--inplace"] if inplace else []),
+            *(["--rsync-path", rsync_path] if rsync_path else []), "-e", ssh,
             f"{src}/", f"{server.user}@{server.host}:{dst}/"]
+
+
+def remote_timed(command: str, timefile: Path | None) -> str:
+    """``command`` (a remote shell command) run under GNU time writing "user sys" to
+    ``timefile``; unchanged when GNU time is not there (``timefile`` None)."""
+    if timefile is None:
+        return command
+    return f"{GNU_TIME} -f '%U %S' -o {shlex.quote(str(timefile))} {command}"
+
+
+def read_remote_cpu(timefile: Path | None) -> float | None:
+    """User + system seconds GNU time wrote for the remote process, or None."""
+    if timefile is None or not timefile.exists():
+        return None
+    user, sys_ = timefile.read_text().split()[-2:]
+    return float(user) + float(sys_)
 
 
 def write_random(path: Path, mib: int) -> None:
@@ -112,13 +136,18 @@ def bench_delta(ns: argparse.Namespace, server: SshServer, work: Path, src: Path
 
     def run(tool: str, tag: str) -> Run:
         logfile = logs / f"{tool}-{tag}.jsonl"
+        timefile = logs / f"{tool}-{tag}.time" if os.access(GNU_TIME, os.X_OK) else None
         ssh = counted_ssh(server, logfile)
         os.sync()
         if tool == "georep":
-            r = run_georep(tool, georep_cmd(server, src, dsts[tool], "--ssh-command", ssh))
+            r = run_georep(tool, georep_cmd(server, src, dsts[tool], "--ssh-command", ssh,
+                                            "--remote-command",
+                                            remote_timed(REMOTE_COMMAND, timefile)))
         else:
-            r = timed(tool, rsync_argv(ssh, server, src, dsts[tool], tool == "rsync-inplace"))
+            r = timed(tool, rsync_argv(ssh, server, src, dsts[tool], tool == "rsync-inplace",
+                                       remote_timed("rsync", timefile) if timefile else None))
         r.extra["wire"] = read_counts(logfile)
+        r.extra["cpu_remote"] = read_remote_cpu(timefile)
         return r
 
     log("delta: initial copies (untimed)")
@@ -137,8 +166,11 @@ def bench_delta(ns: argparse.Namespace, server: SshServer, work: Path, src: Path
             r.extra["offset"] = off
             runs[tool].append(r)
             w = r.extra["wire"]
+            there = r.extra["cpu_remote"]
             log(f"delta rep {rep + 1}/{ns.reps} {tool:14s} {r.seconds:6.2f} s wall, "
-                f"{r.cpu:5.2f} s cpu, wire up {w['up']:,} down {w['down']:,} B")
+                f"{r.cpu:5.2f} s cpu here, "
+                f"{'?' if there is None else f'{there:5.2f}'} s there, "
+                f"wire up {w['up']:,} down {w['down']:,} B, load {r.load1:.2f}")
             if rep == 0 and not same_file(big, dsts[tool] / big.name):
                 raise BenchError(f"{tool}: the copy differs from the source")
     for d in dsts.values():
@@ -185,7 +217,18 @@ def _med(runs: list[Run], key: str = "seconds") -> float | None:
         return median([r.seconds for r in runs])
     if key == "cpu":
         return median([r.cpu for r in runs])
+    if key in ("cpu_remote", "cpu_total"):
+        there: list[float] = [r.extra["cpu_remote"] for r in runs
+                              if r.extra.get("cpu_remote") is not None]
+        if len(there) < len(runs):
+            return None
+        return median([t + (r.cpu if key == "cpu_total" else 0.0)
+                       for r, t in zip(runs, there, strict=True)])
     return median([float(r.extra["wire"][key]) for r in runs])
+
+
+def _secs(x: float | None) -> str:
+    return "?" if x is None else f"{x:.2f} s"
 
 
 def render(result: dict[str, Any], delta: dict[str, list[Run]] | None,
@@ -212,9 +255,9 @@ def render(result: dict[str, Any], delta: dict[str, list[Run]] | None,
                 "channel payload both ways, counted by `bench/sshcount.py` wrapped around "
                 "each tool's ssh client):",
                 "",
-                "| tool | n | wall | CPU here | sent (up) | received (down) | total on the wire |"
-                " bytes / georep's | time / georep's |",
-                "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+                "| tool | n | wall | CPU here | CPU there | CPU both | sent (up) |"
+                " received (down) | total on the wire | bytes / georep's | time / georep's |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
         names = {"georep": "georep sync --once (native delta)",
                  "rsync-inplace": "rsync -aHAX --numeric-ids --inplace",
                  "rsync": "rsync -aHAX --numeric-ids (default)"}
@@ -223,11 +266,20 @@ def render(result: dict[str, Any], delta: dict[str, list[Run]] | None,
             rs = delta[tool]
             s, tot = _med(rs), _med(rs, "total")
             out.append(f"| {names[tool]} | {len(rs)} | {s:.2f} s | {_med(rs, 'cpu'):.2f} s | "
+                       f"{_secs(_med(rs, 'cpu_remote'))} | {_secs(_med(rs, 'cpu_total'))} | "
                        f"{_med(rs, 'up') / 1e6:.3f} MB | {_med(rs, 'down') / 1e6:.3f} MB | "
                        f"{tot / 1e6:.3f} MB | {tot / g_tot:.2f}x | {s / g_s:.2f}x |")
+        out += ["", "CPU here: the tool and its ssh client (`wait4`); CPU there: the process "
+                "sshd started for it (`georep-node secondary`, the remote `rsync`), counted by "
+                "GNU `/usr/bin/time -o FILE` around the remote command; sshd itself is in "
+                "neither; each column is its own median."]
         g = delta["georep"][0].extra.get("transfer") or {}
         out += ["", f"georep's own counters (`--json` `transfer`, first repetition): "
                 f"`{json.dumps(g, sort_keys=True)}`.", ""]
+        out += ["Per repetition (wall, georep / rsync --inplace / rsync, load): " + "; ".join(
+            f"{delta['georep'][i].seconds:.2f} / {delta['rsync-inplace'][i].seconds:.2f} / "
+            f"{delta['rsync'][i].seconds:.2f} s ({delta['georep'][i].load1:.1f})"
+            for i in range(len(delta["georep"]))) + ".", ""]
         ri = _med(delta["rsync-inplace"], "total")
         tr = _med(delta["rsync-inplace"])
         out += [f"Targets: bytes within {TARGET_BYTES_RATIO}x of rsync --inplace: georep/rsync = "
@@ -259,9 +311,11 @@ def render(result: dict[str, Any], delta: dict[str, list[Run]] | None,
             "",
             "```",
             "georep-node sync SRC HOST:DST --once --json --ssh-command SSH "
-            "--remote-command 'python bin/georep-node'",
-            "rsync -aHAX --numeric-ids --inplace -e SSH SRC/ HOST:DST/",
-            "rsync -aHAX --numeric-ids -e SSH SRC/ HOST:DST/",
+            "--remote-command \"$TIME python bin/georep-node\"",
+            "rsync -aHAX --numeric-ids --inplace --rsync-path \"$TIME rsync\" -e SSH SRC/ "
+            "HOST:DST/",
+            "rsync -aHAX --numeric-ids --rsync-path \"$TIME rsync\" -e SSH SRC/ HOST:DST/",
+            "# TIME=\"/usr/bin/time -f '%U %S' -o FILE\" (the remote side's CPU, delta only)",
             "sync; echo 3 > /proc/sys/vm/drop_caches; dd if=FILE of=/dev/null bs=1M",
             "cat FILE | SSH HOST 'cat > /dev/null'",
             "```"]
