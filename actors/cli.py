@@ -204,6 +204,16 @@ def _rate(text: str) -> int:
         raise argparse.ArgumentTypeError(str(e))
 
 
+def _seconds(text: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        v = 0.0
+    if not v >= 1:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds >= 1, not {text!r}")
+    return v
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser; its help texts are the reference of every option."""
     p = argparse.ArgumentParser(
@@ -283,7 +293,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "of SECONDARY are left alone")
     s.add_argument("--no-acls", dest="sync_acls", action="store_false",
                    help="do not replicate POSIX ACLs; those of SECONDARY are left alone")
-    s.add_argument("--secondary-timeout", type=float, metavar="SECONDS",
+    s.add_argument("--secondary-timeout", type=_seconds, metavar="SECONDS",
                    help="the secondary host exits after this long without a request "
                    "(default: its own, 120; the primary pings often enough)")
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
