@@ -171,7 +171,7 @@ def test_session_keys_live(op: Op, tmp_path: Path) -> None:  # noqa: F811
     (s / "skip" / "kept").write_text("the secondary's own\n")
     op("create", "k", p, s, "--config", "exclude=*.tmp,skip", "--config",
        "ignore-deletes=yes", "--config", "sync-xattrs=false", "--config",
-       "secondary-timeout=2")
+       "secondary-timeout=4")
     assert "not yet used" not in op("config", "k").stdout
     op("start", "k")
     wait_for(lambda: active(op, "k"), 90, "the first crawl")
@@ -198,16 +198,16 @@ def test_session_keys_live(op: Op, tmp_path: Path) -> None:  # noqa: F811
     assert _xattr(s / "a.txt", "user.primary") is None
     assert _xattr(s / "a.txt", "user.secondary") == b"s"
 
-    # secondary-timeout=2: the worker pings often enough that an idle session keeps its
-    # secondary host...
+    # secondary-timeout=4: the worker pings often enough (every second) that an idle
+    # session keeps its secondary host...
     pid = _secondary_pid(op, "k")
     assert pid is not None
     host = psutil.Process(pid)
     t0 = time.monotonic()
-    wait_for(lambda: time.monotonic() - t0 > 6 or not host.is_running(), 30,
-             "three idle timeouts, or the host's exit")
+    wait_for(lambda: time.monotonic() - t0 > 10 or not host.is_running(), 30,
+             "two and a half idle timeouts, or the host's exit")
     assert host.is_running() and _secondary_pid(op, "k") == pid
-    # ...and the host exits after 2 s without a request (the worker is frozen).
+    # ...and the host exits after 4 s without a request (the worker is frozen).
     worker = op.bricks("k")[0]["pid"]
     os.kill(worker, signal.SIGSTOP)
     try:
@@ -215,7 +215,7 @@ def test_session_keys_live(op: Op, tmp_path: Path) -> None:  # noqa: F811
                  30, "the secondary host to exit on its idle timeout")
     finally:
         os.kill(worker, signal.SIGCONT)
-    wait_for(lambda: "no request from the primary for 2 s" in op.log("k"), 60,
+    wait_for(lambda: "no request from the primary for 4 s" in op.log("k"), 60,
              "the host's reason in the session log")
     # The worker reconnects and goes on.
     (p / "after").write_text("after the timeout\n")
