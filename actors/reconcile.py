@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import fnmatch
 import os
+import re
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -36,24 +37,22 @@ class Rules:
     (a rename).
     """
 
-    __slots__ = ("_names", "_paths", "ignore_deletes", "patterns")
+    __slots__ = ("_match", "ignore_deletes", "patterns")
 
     def __init__(self, exclude: Iterable[str | bytes] = (), *,
                  ignore_deletes: bool = False) -> None:
         self.patterns = tuple(os.fsencode(p) for p in exclude if p)
         self.ignore_deletes = ignore_deletes
-        #: (pattern, directories only) for name patterns and for path patterns.
-        self._names: list[tuple[bytes, bool]] = []
-        self._paths: list[tuple[bytes, bool]] = []
+        # One compiled alternation per (matched against the path?, directories only?):
+        # a crawl asks for every entry, so the patterns are not re-matched one by one.
+        groups: dict[tuple[bool, bool], list[bytes]] = {}
         for p in self.patterns:
             dir_only = p.endswith(b"/")
             p = p.rstrip(b"/")
-            if not p:
-                continue
-            if b"/" in p:
-                self._paths.append((p.lstrip(b"/"), dir_only))
-            else:
-                self._names.append((p, dir_only))
+            if p:
+                groups.setdefault((b"/" in p, dir_only), []).append(p.lstrip(b"/"))
+        self._match = {key: re.compile(b"|".join(_glob(p) for p in ps), re.DOTALL).fullmatch
+                       for key, ps in groups.items()}
 
     def __bool__(self) -> bool:
         return bool(self.patterns) or self.ignore_deletes
@@ -63,11 +62,8 @@ class Rules:
 
     def excluded(self, relpath: bytes, name: bytes, is_dir: bool) -> bool:
         """True when the entry ``name`` at ``relpath`` (relative to the root) is excluded."""
-        for p, dir_only in self._names:
-            if (is_dir or not dir_only) and fnmatch.fnmatchcase(name, p):
-                return True
-        for p, dir_only in self._paths:
-            if (is_dir or not dir_only) and fnmatch.fnmatchcase(relpath, p):
+        for (by_path, dir_only), match in self._match.items():
+            if (is_dir or not dir_only) and match(relpath if by_path else name):
                 return True
         return False
 
@@ -81,6 +77,11 @@ class Rules:
             if self.excluded(b"/".join(parts[:i + 1]), parts[i], is_dir or not last):
                 return True
         return False
+
+
+def _glob(pattern: bytes) -> bytes:
+    """The regular expression of an fnmatch pattern, on bytes (names are never decoded)."""
+    return b"(?:" + fnmatch.translate(pattern.decode("latin-1")).encode("latin-1") + b")"
 
 
 #: Replicate everything, deletes included.
