@@ -3,8 +3,12 @@
 ``GEOREP_FAULTS="after_entry_ops,before_mark:0.3,mid_data:raise"`` arms named points;
 code calls :func:`fault` at each of them.  An armed point fires with probability ``p``
 (default 1.0) and then either ends the process at once with status 137, the way
-SIGKILL would (``os._exit``: no cleanup, no flush, no marks), or raises
-:class:`FaultInjected` (``:raise``).  Unset, a point costs one dict lookup.
+SIGKILL would (``os._exit``: no cleanup, no flush, no marks), raises
+:class:`FaultInjected` (``:raise``) or blocks the calling thread for S seconds
+(``:hang=S``: a stuck actor, for the watchdog).  ``:once=PATH`` fires the point only
+where PATH can still be created (O_EXCL): once across every process and restart, so a
+restarted worker does not meet the same fault again.  Unset, a point costs one dict
+lookup.
 
 ``read_eio:SUBSTRING`` is a test-only fault of another kind: reading a primary file
 whose relative path contains SUBSTRING fails with EIO (:func:`check_read`).
@@ -19,6 +23,7 @@ import logging
 import os
 import random
 import sys
+import time
 from dataclasses import dataclass
 
 log = logging.getLogger("georep.faults")
@@ -41,7 +46,9 @@ class FaultInjected(RuntimeError):
 @dataclass(frozen=True, slots=True)
 class _Spec:
     p: float = 1.0
-    action: str = "kill"  # or "raise"
+    action: str = "kill"  # or "raise", "hang"
+    hang: float = 0.0  # seconds, for "hang"
+    once: str | None = None  # a marker path: fire only if it can be created
 
 
 _specs: dict[str, _Spec] | None = None
@@ -49,7 +56,8 @@ _eio: list[bytes] = []
 
 
 def parse(text: str) -> tuple[dict[str, _Spec], list[bytes]]:
-    """``name[:p][:raise|:kill]`` items separated by commas, plus ``read_eio:SUBSTRING``."""
+    """``name[:p][:raise|:kill|:hang=S][:once=PATH]`` items separated by commas, plus
+    ``read_eio:SUBSTRING``."""
     specs: dict[str, _Spec] = {}
     eio: list[bytes] = []
     for item in filter(None, (s.strip() for s in text.split(","))):
@@ -61,15 +69,24 @@ def parse(text: str) -> tuple[dict[str, _Spec], list[bytes]]:
             continue
         if name not in POINTS:
             raise ValueError(f"unknown fault point {name!r} (known: {', '.join(sorted(POINTS))})")
-        p, action = 1.0, "kill"
+        p, action, hang, once = 1.0, "kill", 0.0, None
         for word in filter(None, rest.split(":")):
+            key, eq, value = word.partition("=")
             if word in ("raise", "kill"):
                 action = word
+            elif key == "hang" and eq:
+                action, hang = "hang", float(value)
+                if hang <= 0:
+                    raise ValueError(f"fault {name}: hang needs seconds > 0")
+            elif key == "once" and eq:
+                if not value:
+                    raise ValueError(f"fault {name}: once needs a marker path")
+                once = value
             else:
                 p = float(word)
                 if not 0.0 <= p <= 1.0:
                     raise ValueError(f"fault {name}: probability {p} is not in 0..1")
-        specs[name] = _Spec(p, action)
+        specs[name] = _Spec(p, action, hang, once)
     return specs, eio
 
 
@@ -99,8 +116,18 @@ def fault(name: str) -> None:
     spec = _load().get(name)
     if spec is None or (spec.p < 1.0 and random.random() >= spec.p):
         return
+    if spec.once is not None:
+        try:
+            os.close(os.open(spec.once, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC,
+                             0o600))
+        except FileExistsError:
+            return  # fired already, in this process or another one
     if spec.action == "raise":
         raise FaultInjected(f"fault point {name}")
+    if spec.action == "hang":
+        log.warning("fault point %s: hanging for %g s (pid %d)", name, spec.hang, os.getpid())
+        time.sleep(spec.hang)  # the stuck actor the test wants, not synchronization
+        return
     try:
         print(f"georep: fault point {name}: killed (pid {os.getpid()})", file=sys.stderr,
               flush=True)
