@@ -15,16 +15,20 @@ gfid-checked and idempotent, so replaying is safe.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
 import os
 import socket
+import sys
 import threading
 import time
+import traceback
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from types import FrameType
 from typing import Any
 
 import pykka
@@ -66,6 +70,12 @@ RECONNECT_TRIES = 5
 SAFETY_RECHECK = 3.0
 #: Continuous mode: pipeline restarts after a dead or stuck actor wait 1, 2, 4... s up to this.
 RESTART_MAX_DELAY = 60.0
+#: How often the watchdog looks at the pipeline's actors (seconds).
+WATCHDOG_INTERVAL = 1.0
+#: After an abort, how long the Supervisor waits for the pipeline's driver to notice (its
+#: waits on the closed channel fail at once) before leaving it behind, blocked on a stuck
+#: actor, and building a new pipeline.
+ABORT_GRACE = 5.0
 
 
 class PipelineRestart(Exception):
@@ -298,9 +308,10 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
         channel: Channel = self._remote.proxy().channel().get(timeout=o.timeout)
         tries = 0
         while True:
-            self._safety(primary, channel)
-            started_ns = time.time_ns()
             try:
+                # Inside the try: a connection that drops during the check reconnects.
+                self._safety(primary, channel)
+                started_ns = time.time_ns()
                 moved = self._one_pass(primary, channel)
                 if self.ledger.failures() and not channel.closed:
                     return None, moved
@@ -421,7 +432,11 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
                                 add_worker_pid(state, pid)
                     tries = 0
                     self.restarts.started()
-                    self._live(primary, dirmap, state, RoundStop(stop, self.restarts), summary)
+                    # One abort event per pipeline: a driver left behind keeps its own, set.
+                    self._abort, self._abort_reason = threading.Event(), ""
+                    round_stop = _PipelineStop(stop, self.restarts, self._abort)
+                    self._drive(functools.partial(self._live, primary, dirmap, state,
+                                                  round_stop, summary))
                     restarts = 0
                 except ConnectError:
                     raise
@@ -441,11 +456,15 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
                     if reason is not None:
                         # Watchdog: a dead or stuck actor.  Rebuild the pipeline; it resumes
                         # from the marks (History Crawl), and the ledger is on disk.
-                        self._abort.clear()
-                        self._abort_reason = ""
-                        self.faulty_reason = reason
+                        stack, self._abort_stack = self._abort_stack, ""
+                        self._set_faulty(reason)
                         if reason != last_reason:
-                            log.error("restarting the pipeline: %s", reason, exc_info=e)
+                            # Once, with a traceback: the stuck actor's stack, else the
+                            # exception that ended the pipeline.
+                            if stack:
+                                log.error("restarting the pipeline: %s\n%s", reason, stack)
+                            else:
+                                log.error("restarting the pipeline: %s", reason, exc_info=e)
                         else:
                             log.warning("restarting the pipeline again: %s", reason)
                         last_reason = reason
@@ -460,6 +479,8 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
                     tries += 1
                     log.warning("connection to %s lost (%s); restarting in %d s", self.endpoint,
                                 e, delay)
+                    self._set_faulty(f"connection to {self.endpoint} lost ({e}); "
+                                     f"reconnecting in {delay} s")
                     self.ledger.count("reconnects")
                     stop.wait(delay)
         finally:
@@ -501,7 +522,7 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
         """
         o = self.options
         path = os.path.abspath(o.primary)
-        self.faulty_reason = reason
+        self._set_faulty(reason)
         log.error("Faulty: %s", reason)
         while not stop.wait(SAFETY_RECHECK):
             try:
@@ -514,31 +535,87 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
             log.warning("primary root %s is back; resuming", path)
 
     def _watchdog(self, started: list[pykka.ActorRef[Any]], channel: Channel,
-                  done: threading.Event) -> None:
+                  done: threading.Event, abort: threading.Event) -> None:
         """Thread: an actor dead, or busy with one message longer than ``busy_limit``,
-        aborts the pipeline (its channel is closed, which fails every wait on it)."""
+        aborts the pipeline: ``abort`` is set with the reason (and, for a stuck actor, its
+        thread's stack) and the channel is closed, which fails every wait on it.  The
+        reason is logged by run_live, once."""
         limit = self.options.busy_limit
-
-        def abort(why: str) -> None:
-            if not self._abort.is_set():
-                self._abort_reason = why
-                self._abort.set()
-                log.error("watchdog: %s", why)
-                channel.close()
-
-        while not done.wait(1.0):
-            now = time.time()
+        while not done.wait(WATCHDOG_INTERVAL):
+            now = time.monotonic()  # the clock of Inspectable._ins_current
+            dead: list[str] = []
+            stuck: list[tuple[str, Any, str, float]] = []
             for ref in list(started):
-                actor = getattr(ref, "_actor", None)
-                name = type(actor).__name__ if actor is not None else str(ref)
+                actor = ref._actor_weakref()
+                name = ref.actor_class.__name__
                 if not ref.is_alive():
-                    if not done.is_set():
-                        abort(f"actor {name} died")
+                    dead.append(name)
                     continue
                 current = getattr(actor, "_ins_current", None)
                 if current is not None and now - current[1] > limit:
-                    abort(f"actor {name} is stuck: busy with {current[0]} for "
-                          f"{now - current[1]:.0f} s (limit {limit:g} s)")
+                    stuck.append((name, actor, current[0], now - current[1]))
+            if done.is_set():
+                return
+            if dead:
+                why = f"actor {', '.join(dead)} died"
+            elif stuck:
+                why = "; ".join(f"actor {n} is stuck: busy with {msg} for {age:.0f} s"
+                                for n, _a, msg, age in stuck) + f" (limit {limit:g} s)"
+                self._abort_stack = f"stack of the stuck {stuck[0][0]}:\n" + \
+                    _actor_stack(stuck[0][1])
+            else:
+                continue
+            self._abort_reason = why
+            abort.set()
+            channel.close()
+            return
+
+    def _drive(self, run: Callable[[], None]) -> None:
+        """Run a pipeline's driver (``run``) in a thread of its own and wait for it.
+
+        When the watchdog aborts, every wait of the driver on the (closed) channel fails
+        at once, but a wait on a stuck actor does not: after ``ABORT_GRACE`` the driver is
+        left behind (its stop event is set, its channel closed and its actors told to
+        stop, so it can do nothing once the actor returns) and PipelineRestart is raised.
+        """
+        abort = self._abort
+        failed: list[BaseException] = []
+
+        def target() -> None:
+            try:
+                run()
+            except BaseException as e:  # handed to the Supervisor's thread
+                failed.append(e)
+
+        t = threading.Thread(target=target, name="pipeline", daemon=True)
+        t.start()
+        while t.is_alive():
+            t.join(0.2)
+            if abort.is_set() and t.is_alive():
+                t.join(ABORT_GRACE)
+                if t.is_alive():
+                    log.warning("the pipeline's driver still waits on a stuck actor: "
+                                "left behind")
+                    self.ledger.count("drivers_left_behind")
+                    for ref in reversed(list(self._pipeline_actors)):
+                        try:
+                            ref.stop(block=False)
+                        except pykka.ActorDeadError:
+                            pass
+                    raise PipelineRestart(self._abort_reason)
+        if failed:
+            raise failed[0]
+        if abort.is_set():  # the driver saw the abort between two waits and returned
+            raise PipelineRestart(self._abort_reason)
+
+    def _set_faulty(self, reason: str | None) -> None:
+        """Why the worker is Faulty (None: it is not), for status while it runs."""
+        self.faulty_reason = reason
+        st = self._status
+        if st is not None:
+            st.faulty_reason = reason
+            if reason is not None:
+                st.status = "Faulty"
 
     def _remote_closed(self) -> bool:
         assert self._remote is not None
@@ -558,7 +635,9 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
         jdir = journal_dir(state)
         self._safety(primary, channel)
         watch_done = threading.Event()
-        threading.Thread(target=self._watchdog, args=(started, channel, watch_done),
+        self._pipeline_actors = started
+        threading.Thread(target=self._watchdog,
+                         args=(started, channel, watch_done, self._abort),
                          name="watchdog", daemon=True).start()
         try:
             syncer_refs = self._start_syncers(channel, primary)
@@ -583,7 +662,8 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
 
             mark = marks.read_mark(primary.root_fd, self.session, "entry_stime")
             reader = JournalReader(jdir)
-            if mark is not None and len(dirmap) > 0 and reader.coverage(mark):
+            if (mark is not None and len(dirmap) > 0 and reader.coverage(mark)
+                    and not self._secondary_replaced(primary, channel)):
                 self._set_mode(HISTORY, summary)
                 tail = JournalTail(jdir, since_ts=mark)
             else:
@@ -614,12 +694,18 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
             last_beat = [0.0]
 
             def on_round() -> None:
-                self.faulty_reason = None
+                if self.faulty_reason is not None:
+                    self._set_faulty(None)
                 if self._status is not None:
                     self._status.round_done(follower)
                 on_idle()
 
             def on_idle() -> None:
+                if channel.closed:
+                    # The secondary host or its ssh died while nothing was to be sent:
+                    # a call on the dead channel raises ConnectionLost with the reason,
+                    # and run_live reconnects (nothing else would notice until a change).
+                    channel.call("ping", {}, timeout=o.timeout)
                 if summary.counters.get("mode") != CHANGELOG and tail_idle(tail):
                     self._set_mode(CHANGELOG, summary)
                 now = time.monotonic()
@@ -634,6 +720,21 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
             for ref in reversed(started):
                 ref.stop(block=True, timeout=o.timeout)
 
+    def _secondary_replaced(self, primary: PrimaryTree, channel: Channel) -> bool:
+        """True when the secondary root is empty while the primary's is not.
+
+        The marks then describe another replica (a root that was removed or not mounted,
+        and created again empty by the secondary host): replaying the journal from them
+        would leave everything older missing, so the caller walks the tree instead.
+        """
+        reply = channel.call("list_dir", {"gfid": ROOT_GFID}, timeout=self.options.timeout)
+        if reply["entries"] or primary_is_empty(os.path.abspath(self.options.primary)):
+            return False
+        log.warning("secondary root %s is empty but the primary's is not: the marks do not "
+                    "describe it; walking the tree (%s)", self.endpoint, HYBRID)
+        self.ledger.count("secondary_replaced")
+        return True
+
     def _set_mode(self, mode: str, summary: Summary) -> None:
         if self.crawl_mode != mode:
             log.warning("crawl=%s session=%s", mode, self.session)
@@ -643,6 +744,8 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
 
     crawl_mode = ""
     follower: Follower | None = None
+    _abort_stack = ""
+    _pipeline_actors: list[pykka.ActorRef[Any]] = []
     _status: Any = None
     _paused: Callable[[], bool] | None = None
 
@@ -650,3 +753,26 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
 def tail_idle(tail: JournalTail) -> bool:
     """True once the tail has caught up with the journal (history replayed)."""
     return tail.caught_up
+
+
+class _PipelineStop(RoundStop):
+    """The Follower's stop: the worker's stop, a restart request, or this pipeline's abort."""
+
+    def __init__(self, stop: threading.Event, restarts: Restarts,
+                 abort: threading.Event) -> None:
+        super().__init__(stop, restarts)
+        self._aborted = abort
+
+    def is_set(self) -> bool:
+        return self._aborted.is_set() or super().is_set()
+
+
+def _actor_stack(actor: Any) -> str:
+    """The current stack of the thread running ``actor`` (a pykka ThreadingActor)."""
+    for frame in sys._current_frames().values():
+        f: FrameType | None = frame
+        while f is not None:
+            if f.f_code.co_name == "_actor_loop" and f.f_locals.get("self") is actor:
+                return "".join(traceback.format_stack(frame))
+            f = f.f_back
+    return "(its thread was not found)\n"

@@ -47,6 +47,8 @@ class LiveStatus:
 
     def __init__(self, known_dirs: int = 0) -> None:
         self.status = "Initializing"
+        #: Why the running worker is Faulty (set by the Supervisor; None when it is not).
+        self.faulty_reason: str | None = None
         self.crawl: str | None = None
         self.last_synced: float | None = None
         self.ledger: Any = None
@@ -240,7 +242,7 @@ class Reporter:
             "checkpoint": self._checkpoint(entry, stime, failures),
             "throughput": {"files_per_s": round(fps, 2), "bytes_per_s": round(bps, 1)},
             "eta": self._eta(dirs, now),
-            "faulty_reason": reason,
+            "faulty_reason": reason if reason is not None else live.faulty_reason,
             "pid": os.getpid(),
             "resources": self.resources(),
             "updated": now,
