@@ -22,15 +22,17 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import psutil
 import pytest
 
-from tests.e2e.helpers import REPO
+from tests.e2e.helpers import REPO, wait_for
 from tests.support.compare import compare_trees
+from tests.support.sshd import REMOTE_COMMAND, SshServer
 from tests.support.treegen import make_tree
 
 GEOREP = [sys.executable, str(REPO / "bin" / "georep-node")]
@@ -56,9 +58,10 @@ def run_sync(primary: Path, secondary: Path, state: Path, *extra: str,
                           stdin=subprocess.DEVNULL, env=env_for(state, faults))
 
 
-def start_sync(primary: Path, secondary: Path, state: Path) -> subprocess.Popen[str]:
-    return subprocess.Popen([*GEOREP, "sync", str(primary), str(secondary), "--once",
-                             "--json"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+def start_sync(primary: Path, secondary: str, state: Path,
+               *extra: str) -> subprocess.Popen[str]:
+    return subprocess.Popen([*GEOREP, "sync", str(primary), secondary, "--once", "--json",
+                             *extra], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             text=True, stdin=subprocess.DEVNULL, env=env_for(state))
 
 
@@ -131,28 +134,58 @@ def _stacks(pid: int) -> str:
                           text=True, timeout=60).stdout
 
 
-def kill_trials(tmp_path: Path, pick_victim: Any) -> list[str]:
-    """SIGKILL ``pick_victim(proc)`` at random moments of ``TRIALS`` runs; returns outcomes."""
+@dataclass
+class Trial:
+    """One kill trial's figures (printed with ``-s``)."""
+
+    n: int
+    delay: float
+    killed: bool = False
+    exit: int | None = None
+    reconnects: int | None = None  # from the run's JSON summary (None: no summary)
+    mark_past_changes: bool = False
+    diffs: int | None = None  # differences when the mark says the changes are on the secondary
+    why: str = ""  # the last line on stderr of a run that failed
+
+    def line(self) -> str:
+        return (f"trial {self.n}: delay {self.delay:.2f}s killed={self.killed} "
+                f"exit={self.exit} reconnects={self.reconnects} "
+                f"mark_past_changes={self.mark_past_changes} diffs={self.diffs}"
+                + (f" ({self.why})" if self.why else ""))
+
+
+def kill_trials(tmp_path: Path, pick_victim: Any, secondary_spec: str | None = None,
+                extra: tuple[str, ...] = (),
+                ready: Callable[[Path], bool] | None = None) -> list[Trial]:
+    """SIGKILL ``pick_victim(proc)`` at random moments of ``TRIALS`` runs; returns the trials.
+
+    ``secondary_spec`` is the secondary as given to ``sync`` (default: the local path
+    ``tmp_path/s``; an ssh spec must name that same directory).  With ``ready``, the
+    moment is drawn from when ``ready(secondary)`` first holds (the run is connected)
+    instead of from the start of the process.
+    """
     primary, secondary, state = tmp_path / "p", tmp_path / "s", tmp_path / "state"
     make_tree(primary, seed=11, entries=ENTRIES, big_sparse=False,
               big_dir_files=min(1000, ENTRIES // 4))
     rng = random.Random(int(os.environ.get("GEOREP_TRIAL_SEED", "5")))
-    outcomes: list[str] = []
+    trials: list[Trial] = []
     # The kill lands within the time the last uninterrupted run took (the first run is a
     # full sync; later ones are incremental and short): a delay past the end of the run
     # would kill nothing and test nothing.
     run_time = max(2.0, ENTRIES / 1000)
     kills = 0
-    for trial in range(TRIALS):
-        change_some(primary, rng, f"t{trial}")
+    for n in range(TRIALS):
+        change_some(primary, rng, f"t{n}")
         changed = time.time_ns()
         time.sleep(0.01)
         with busy_writer(primary):
+            proc = start_sync(primary, secondary_spec or str(secondary), state, *extra)
+            if ready is not None:
+                wait_for(lambda p=proc: p.poll() is not None or ready(secondary), 60,  # type: ignore[misc]
+                         "the run to connect", interval=0.01)
             started = time.monotonic()
-            proc = start_sync(primary, secondary, state)
-            delay = rng.uniform(0.05, 0.6 * run_time)
-            deadline = time.monotonic() + delay
-            killed = False
+            t = Trial(n, rng.uniform(0.05, 0.6 * run_time))
+            deadline = time.monotonic() + t.delay
             while time.monotonic() < deadline and proc.poll() is None:
                 time.sleep(0.01)
             if proc.poll() is None:
@@ -160,37 +193,43 @@ def kill_trials(tmp_path: Path, pick_victim: Any) -> list[str]:
                 if victim is not None:
                     with contextlib.suppress(psutil.NoSuchProcess):
                         victim.send_signal(signal.SIGKILL)
-                        killed = True
+                        t.killed = True
             try:
-                _out, err = proc.communicate(timeout=180)
+                out, err = proc.communicate(timeout=180)
             except subprocess.TimeoutExpired:
                 stacks = _stacks(proc.pid)
                 proc.kill()
                 proc.communicate()
-                raise AssertionError(f"trial {trial}: sync hung after the kill\n{stacks}")
-            if killed:
+                raise AssertionError(f"trial {n}: sync hung after the kill\n{stacks}")
+            if t.killed:
                 kills += 1
             else:
                 run_time = max(0.3, time.monotonic() - started)
+        t.exit = proc.returncode
+        if t.exit:
+            t.why = (err.strip().splitlines() or [""])[-1][:300]
+        with contextlib.suppress(ValueError):
+            t.reconnects = int(json.loads(out)["counters"].get("reconnects", 0))
         mark = stime(primary)
-        outcomes.append(f"trial {trial}: delay {delay:.2f}s killed={killed} "
-                        f"exit={proc.returncode} mark_past_changes={bool(mark and mark > changed)}")
-        if mark is not None and mark > changed:
+        t.mark_past_changes = bool(mark and mark > changed)
+        trials.append(t)
+        if t.mark_past_changes:
             # Acknowledged (a mark later than the changes): all of it is on the secondary.
             diffs = compare_trees(primary, secondary, check_root=False,
                                   ignore_root_names=(b".georep", b"live"))
-            assert diffs == [], (outcomes[-1], diffs[:10], err[-2000:])
+            t.diffs = len(diffs)
+            assert diffs == [], (t.line(), diffs[:10], err[-2000:])
     converge(primary, secondary, state)
-    print("\n".join(outcomes))
+    print("\n" + "\n".join(t.line() for t in trials))
     # Trials must really kill something mid-run, or this test proves nothing (run times
     # vary, so a kill may still come late; a third of the trials, and at least one).
     assert kills >= max(1, TRIALS // 3), f"only {kills} of {TRIALS} trials killed a process"
-    return outcomes
+    return trials
 
 
 def test_sigkill_of_sync_once_at_random_moments(tmp_path: Path) -> None:
-    outcomes = kill_trials(tmp_path, lambda proc: psutil.Process(proc.pid))
-    assert len(outcomes) == TRIALS
+    trials = kill_trials(tmp_path, lambda proc: psutil.Process(proc.pid))
+    assert len(trials) == TRIALS
 
 
 def _secondary_host(proc: subprocess.Popen[str]) -> psutil.Process | None:
@@ -205,8 +244,63 @@ def _secondary_host(proc: subprocess.Popen[str]) -> psutil.Process | None:
 
 
 def test_sigkill_of_secondary_host_at_random_moments(tmp_path: Path) -> None:
-    outcomes = kill_trials(tmp_path, _secondary_host)
-    assert len(outcomes) == TRIALS
+    trials = kill_trials(tmp_path, _secondary_host)
+    assert len(trials) == TRIALS
+
+
+def _ssh_client(proc: subprocess.Popen[str]) -> psutil.Process | None:
+    """The sync's ``ssh`` child; waits for it while the sync starts up (at most 10 s)."""
+    deadline = time.monotonic() + 10
+    while proc.poll() is None and time.monotonic() < deadline:
+        try:
+            kids = psutil.Process(proc.pid).children(recursive=True)
+        except psutil.NoSuchProcess:
+            return None
+        for k in kids:
+            with contextlib.suppress(psutil.Error):
+                if k.name() == "ssh":
+                    return k
+        time.sleep(0.01)
+    return None
+
+
+class _NewHost:
+    """``ready`` for kill_trials: the secondary's session lock names a new, live host."""
+
+    def __init__(self) -> None:
+        self.last: int | None = None
+
+    def __call__(self, secondary: Path) -> bool:
+        try:
+            pid = int(json.loads((secondary / ".georep" / "lock").read_text())["pid"])
+        except (OSError, ValueError, KeyError):
+            return False
+        if pid == self.last or not psutil.pid_exists(pid):
+            return False
+        self.last = pid
+        return True
+
+
+def test_sigkill_of_ssh_at_random_moments(tmp_path: Path, sshd: SshServer) -> None:
+    """The ssh client dies mid-run (after the handshake, the moment drawn within the last
+    uninterrupted run's time): the sync reconnects by itself and converges."""
+    spec = f"{sshd.user}@{sshd.host}:{tmp_path / 's'}"
+    trials = kill_trials(tmp_path, _ssh_client, spec,
+                         ("--ssh-command", sshd.ssh_command(), "--remote-command", REMOTE_COMMAND),
+                         ready=_NewHost())
+    assert len(trials) == TRIALS
+    for t in trials:
+        if t.exit == 2 and t.killed and "before the handshake" in t.why:
+            # Killed before the first handshake: a connection that never came up is an
+            # error (exit 2, one line), not a retry; the next trial's run finishes the work.
+            assert not t.mark_past_changes, t.line()
+            continue
+        # A dead ssh is a dropped connection: the run reconnects and finishes by itself
+        # (exit 0, marks past the changes, nothing missing), a kill counted as a reconnect;
+        # a kill after the run's last request is not noticed (0 reconnects).
+        assert t.exit == 0 and t.mark_past_changes and t.diffs == 0, t.line()
+        assert t.reconnects in ((0, 1) if t.killed else (0,)), t.line()
+    assert sum(t.reconnects or 0 for t in trials) >= max(1, TRIALS // 3)
 
 
 @pytest.mark.parametrize("point", ["after_entry_ops", "before_mark", "mid_data"])
