@@ -29,6 +29,7 @@ import sys
 import threading
 import time
 from collections import OrderedDict
+from collections.abc import Mapping
 from typing import Any
 
 import pykka
@@ -39,6 +40,7 @@ from fsops import blocks
 from fsops.secondary import NotFound as FsNotFound
 from fsops.secondary import SecondaryError as FsError
 from fsops.secondary import SecondaryFS
+from fsops.secondary_apply import ParallelApplier
 from fsops.session_lock import Locked, LockInfo, SessionLock
 from transport import (
     PROTOCOL,
@@ -60,6 +62,21 @@ log = logging.getLogger("georep.secondary")
 MAX_QUEUED = 128
 #: Files kept open between data requests.
 MAX_OPEN_DATA = 32
+#: Threads applying the local ops of an ``ops`` batch (fsops.secondary_apply), unless
+#: the host's environment sets ``GEOREP_APPLY_THREADS``.  1 (one at a time): on the
+#: 2-CPU benchmark machine more threads made first syncs slower (BENCHMARKS.md).
+APPLY_THREADS = 1
+
+
+def apply_threads(env: Mapping[str, str]) -> int:
+    """Pool size for parallel apply: ``GEOREP_APPLY_THREADS`` (1 to 64), else the default."""
+    raw = env.get("GEOREP_APPLY_THREADS")
+    try:
+        n = int(raw) if raw is not None else APPLY_THREADS
+    except ValueError:
+        log.warning("ignoring GEOREP_APPLY_THREADS=%r (not a number)", raw)
+        return APPLY_THREADS
+    return max(1, min(64, n))
 
 #: Requests after which the ``secondary_after_apply`` fault point fires (actors/faults.py).
 _FAULTY = frozenset({"ops", "data_write", "data_finish", "end_crawl", "commit"})
@@ -158,15 +175,23 @@ class _Worker(Inspectable, pykka.ThreadingActor):
 class EntryApplier(_Worker):
     """Applies entry, meta and data requests in arrival order."""
 
-    def __init__(self, conn: ServerConnection, slots: _Gate, fs: SecondaryFS) -> None:
+    def __init__(self, conn: ServerConnection, slots: _Gate, fs: SecondaryFS, *,
+                 threads: int = APPLY_THREADS) -> None:
         super().__init__(conn, slots)
         self.fs = fs
+        self.batches = ParallelApplier(fs, threads)
         self._open: OrderedDict[bytes, int] = OrderedDict()
 
     def on_stop(self) -> None:
+        self.batches.close()
         for fd in self._open.values():
             os.close(fd)
         self._open.clear()
+
+    def inspect_extra(self) -> dict[str, Any]:
+        """Ops applied by the pool vs one at a time (read from the inspecting thread)."""
+        return {"apply_threads": self.batches.threads, "ops_parallel": self.batches.parallel,
+                "ops_serial": self.batches.serial}
 
     def _fd(self, gfid: bytes) -> int:
         fd = self._open.get(gfid)
@@ -180,7 +205,7 @@ class EntryApplier(_Worker):
         return fd
 
     def do_ops(self, args: dict[str, Any], _p: bytes | None) -> list[dict[str, Any]]:
-        return self.fs.apply_ops(args["ops"])
+        return self.batches.apply_ops(args["ops"])
 
     def do_data_sigs(self, a: dict[str, Any], _p: bytes | None) -> dict[str, Any]:
         return blocks.handle_sigs(self._fd(a["gfid"]), a["offset"], a["length"], a["block"])
@@ -411,7 +436,8 @@ def run_host(root: str | None, *, timeout: float = 120.0,
         conn.send_reply(first.id, {"version": VERSION, "protocol": PROTOCOL,
                                    "root_dev": os.stat(root).st_dev, "pid": os.getpid(),
                                    "host": socket.gethostname()})
-        applier = EntryApplier.start(conn, gate, fs).proxy()
+        applier = EntryApplier.start(conn, gate, fs,
+                                     threads=apply_threads(os.environ)).proxy()
         lister = Lister.start(conn, gate, lister_fs).proxy()
         try:
             while True:

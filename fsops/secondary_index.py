@@ -22,6 +22,7 @@ import errno
 import os
 import resource
 import stat
+import threading
 import uuid
 from collections import OrderedDict
 
@@ -99,51 +100,99 @@ def open_dir_beneath(base_fd: int, path: bytes) -> int:
 
 
 class FdCache:
-    """Bounded LRU of open directory fds; an evicted fd is closed.
+    """Bounded LRU of open directory fds, safe to share between threads.
 
     Callers use a returned fd right away and never close it; the capacity is far above
-    the handful of fds one operation holds at once.
+    the handful of fds one operation holds at once.  An fd that leaves the cache is
+    closed at once, except while :meth:`hold` is in effect (several applier threads use
+    the cache): then it is closed by :meth:`release`, when no thread can still be using
+    it.  A closed fd number would be reused by the next open, so closing one another
+    thread is about to use could make it act on the wrong directory.  During a hold,
+    each entry is checked once (the fstat of ``check``): the ops of one batch drop what
+    they remove themselves, and a directory removed by someone else refuses creates.
     """
 
-    def __init__(self, capacity: int) -> None:
+    def __init__(self, capacity: int, *, check: bool = True) -> None:
         self.capacity = capacity
+        #: Whether ``get`` checks that the directory still exists (an fstat).  The index
+        #: buckets are never removed, so their cache skips it.
+        self.check = check
         self._fds: OrderedDict[bytes, int] = OrderedDict()
+        self._lock = threading.Lock()
+        self._held = 0
+        self._dead: list[int] = []
+        #: Keys checked during the current hold.
+        self._checked: set[bytes] = set()
+
+    def _close(self, fd: int) -> None:
+        # (called with the lock held)
+        if self._held:
+            self._dead.append(fd)
+        else:
+            os.close(fd)
 
     def get(self, key: bytes) -> int | None:
         """The cached fd, or None; a directory removed behind our back is dropped."""
-        fd = self._fds.get(key)
-        if fd is None:
-            return None
-        try:
-            if os.fstat(fd).st_nlink == 0:
-                self.drop(key)
+        with self._lock:
+            fd = self._fds.get(key)
+            if fd is None:
                 return None
-        except OSError:
-            self.drop(key)
-            return None
-        self._fds.move_to_end(key)
-        return fd
+            if self.check and key not in self._checked:
+                try:
+                    gone = os.fstat(fd).st_nlink == 0
+                except OSError:
+                    gone = True
+                if gone:
+                    del self._fds[key]
+                    self._close(fd)
+                    return None
+                if self._held:
+                    self._checked.add(key)
+            self._fds.move_to_end(key)
+            return fd
 
     def put(self, key: bytes, fd: int) -> None:
         """Take ownership of ``fd``."""
-        old = self._fds.pop(key, None)
-        if old is not None and old != fd:
-            os.close(old)
-        self._fds[key] = fd
-        while len(self._fds) > self.capacity:
-            _, victim = self._fds.popitem(last=False)
-            os.close(victim)
+        with self._lock:
+            old = self._fds.pop(key, None)
+            if old is not None and old != fd:
+                self._close(old)
+            self._checked.discard(key)
+            self._fds[key] = fd
+            while len(self._fds) > self.capacity:
+                _, victim = self._fds.popitem(last=False)
+                self._close(victim)
 
     def drop(self, key: bytes) -> None:
         """Forget and close one entry."""
-        fd = self._fds.pop(key, None)
-        if fd is not None:
+        with self._lock:
+            fd = self._fds.pop(key, None)
+            if fd is not None:
+                self._close(fd)
+
+    def hold(self) -> None:
+        """Defer closing until the matching :meth:`release` (threads share the fds now)."""
+        with self._lock:
+            self._held += 1
+
+    def release(self) -> None:
+        """End a :meth:`hold`; the last one closes the fds that left the cache meanwhile."""
+        with self._lock:
+            self._held -= 1
+            if self._held:
+                return
+            self._checked.clear()
+            dead, self._dead = self._dead, []
+        for fd in dead:
             os.close(fd)
 
     def close_all(self) -> None:
         """Close every cached fd."""
-        while self._fds:
-            _, fd = self._fds.popitem()
+        with self._lock:
+            fds = list(self._fds.values()) + self._dead
+            self._fds.clear()
+            self._dead = []
+        for fd in fds:
             os.close(fd)
 
 
@@ -184,7 +233,7 @@ class GfidIndex:
         # Two SecondaryFS (applier, lister) share the process's fd limit: a quarter each.
         soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
         budget = INDEX_DIR_CACHE_SIZE if soft == resource.RLIM_INFINITY else soft // 4
-        self._idx_dirs = FdCache(max(64, min(INDEX_DIR_CACHE_SIZE, budget)))
+        self.bucket_cache = FdCache(max(64, min(INDEX_DIR_CACHE_SIZE, budget)), check=False)
 
     def _keep(self, fd: int) -> int:
         self._fds.append(fd)
@@ -192,7 +241,7 @@ class GfidIndex:
 
     def close(self) -> None:
         """Close every fd this index holds."""
-        for cache in ("dirs", "_idx_dirs"):
+        for cache in ("dirs", "bucket_cache"):
             c = getattr(self, cache, None)
             if c is not None:
                 c.close_all()
@@ -209,7 +258,7 @@ class GfidIndex:
         most expensive syscall of the whole apply), and ext4/xfs index large directories.
         """
         key = hexname(gfid)[:BUCKET_CHARS]
-        fd = self._idx_dirs.get(key)
+        fd = self.bucket_cache.get(key)
         if fd is not None:
             return fd
         try:
@@ -218,7 +267,7 @@ class GfidIndex:
             if not create:
                 return None
             fd = _open_or_make_dir(key, self.gfid_fd, True)
-        self._idx_dirs.put(key, fd)
+        self.bucket_cache.put(key, fd)
         return fd
 
     def lstat(self, gfid: bytes) -> os.stat_result | None:
@@ -351,7 +400,7 @@ class GfidIndex:
     def _ino_loc(self, st: os.stat_result, create: bool) -> tuple[int | None, bytes]:
         key = b"%03x" % (st.st_ino & 0xFFF)
         name = b"ino-%x-%x" % (st.st_dev, st.st_ino)
-        fd = self._idx_dirs.get(key)
+        fd = self.bucket_cache.get(key)
         if fd is None:
             try:
                 fd = os.open(key, _DIR_FLAGS, dir_fd=self.gfid_fd)
@@ -359,7 +408,7 @@ class GfidIndex:
                 if not create:
                     return None, name
                 fd = _open_or_make_dir(key, self.gfid_fd, True)
-            self._idx_dirs.put(key, fd)
+            self.bucket_cache.put(key, fd)
         return fd, name
 
     def set_ino(self, gfid: bytes, st: os.stat_result) -> None:
