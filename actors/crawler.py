@@ -192,6 +192,9 @@ class Crawler(Inspectable, pykka.ThreadingActor):
                 self.done.set_result(CrawlResult(self.unresolved))
             return
         todo = self.stack.pop()
+        # Ask for its listing before scanning it here, so the two overlap (it is
+        # often a child just found, which no prefetch has asked for yet).
+        self._request_listing(todo)
         self._prefetch()
         self._crawl(todo)
         self._me.step.defer()
