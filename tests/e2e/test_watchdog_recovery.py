@@ -10,6 +10,7 @@ point armed with ``hang`` blocks a Syncer inside its ``sync`` message (docs/faul
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -22,7 +23,7 @@ import psutil
 import pytest
 
 from actors import faults
-from actors.supervisor import Supervisor, SyncOptions
+from actors.supervisor import Summary, Supervisor, SyncOptions
 from actors.worker import LiveStatus
 from fsops import marks
 from tests.e2e.helpers import wait_for
@@ -50,68 +51,95 @@ def _differences(p: Path, s: Path) -> list[str]:
 
 
 @pytest.fixture
-def armed(tmp_path: Path) -> Iterator[Path]:
-    """Arms ``mid_data:hang`` in this process only (children are not armed); disarms."""
-    marker = tmp_path / "hang-fired"
-    faults.reset(f"mid_data:hang={HANG:g}:once={marker}")
+def marker(tmp_path: Path) -> Iterator[Path]:
+    """The ``once`` marker of the fault a test arms in this process only (``faults.reset``:
+    the children are not armed); disarms and ends the test's processes afterwards."""
     try:
-        yield marker
+        yield tmp_path / "fault-fired"
     finally:
         faults.reset("")
         for p in psutil.process_iter(["cmdline"]):  # the recorder and the secondary host
             if str(tmp_path) in " ".join(p.info["cmdline"] or []):
-                p.kill()
+                with contextlib.suppress(psutil.Error):
+                    p.kill()
 
 
-def test_stuck_actor_restarts_the_pipeline_from_the_marks(
-        tmp_path: Path, armed: Path, caplog: pytest.LogCaptureFixture) -> None:
-    primary, secondary = tmp_path / "p", tmp_path / "s"
-    (primary / "dir").mkdir(parents=True)
-    for i in range(30):  # small files only: inline, no data transfer, so no hang yet
-        (primary / "dir" / f"f{i}").write_bytes(os.urandom(100 + i))
-    secondary.mkdir()
-    opts = SyncOptions(primary=str(primary), secondary=str(secondary), session="wd",
-                       state_dir=str(tmp_path / "state"),
-                       busy_limit=BUSY_LIMIT, timeout=120)
-    status = LiveStatus()
-    stop = threading.Event()
-    caplog.set_level(logging.INFO)
-    sup = Supervisor.start(opts)
-    run = sup.proxy().run_live(stop, status)
-    try:
-        wait_for(lambda: not _differences(primary, secondary)
-                 and status.crawl == "Changelog Crawl", 120, "the first crawl")
-        root_fd = os.open(primary, os.O_RDONLY | os.O_DIRECTORY)
+class Run:
+    """A continuous run of the Supervisor in this process, synced once and marked."""
+
+    def __init__(self, tmp_path: Path) -> None:
+        self.primary, self.secondary = tmp_path / "p", tmp_path / "s"
+        (self.primary / "dir").mkdir(parents=True)
+        for i in range(30):  # small files only: inline, no data transfer, no fault yet
+            (self.primary / "dir" / f"f{i}").write_bytes(os.urandom(100 + i))
+        self.secondary.mkdir()
+        opts = SyncOptions(primary=str(self.primary), secondary=str(self.secondary),
+                           session="wd", state_dir=str(tmp_path / "state"),
+                           busy_limit=BUSY_LIMIT, timeout=120)
+        self.status = LiveStatus()
+        self.stop = threading.Event()
+        self.sup = Supervisor.start(opts)
+        self.future = self.sup.proxy().run_live(self.stop, self.status)
+        wait_for(lambda: not _differences(self.primary, self.secondary)
+                 and self.status.crawl == "Changelog Crawl", 120, "the first crawl")
+        root_fd = os.open(self.primary, os.O_RDONLY | os.O_DIRECTORY)
         try:
             wait_for(lambda: marks.read_mark(root_fd, "wd", "entry_stime"), 30, "entry_stime")
         finally:
             os.close(root_fd)
-        assert not armed.exists()
-        before = len(caplog.records)
 
+    def converged(self) -> None:
+        wait_for(lambda: not _differences(self.primary, self.secondary), 120,
+                 "the secondary to converge after the restart")
+        wait_for(lambda: self.status.faulty_reason is None, 30, "the reason to clear")
+        assert self.status.state() == "Active"
+
+    def finish(self) -> Summary:
+        self.stop.set()
+        try:
+            summary: Summary = self.future.get(timeout=120)
+        finally:
+            self.sup.stop()
+        return summary
+
+
+def restart_logs(caplog: pytest.LogCaptureFixture, before: int) -> tuple[list[str], list[str]]:
+    """(the ERROR lines, the crawl= lines) logged since record ``before``."""
+    records = caplog.records[before:]
+    errors = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
+    modes = [r.getMessage() for r in records if r.getMessage().startswith("crawl=")]
+    return errors, modes
+
+
+def assert_resumed_from_the_marks(modes: list[str]) -> None:
+    # The new pipeline resumed from the marks (History Crawl), not from a tree walk.
+    assert modes and modes[0].startswith("crawl=History Crawl"), modes
+    assert not [m for m in modes if m.startswith("crawl=Hybrid Crawl")], modes
+
+
+def test_stuck_actor_restarts_the_pipeline_from_the_marks(
+        tmp_path: Path, marker: Path, caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO)
+    faults.reset(f"mid_data:hang={HANG:g}:once={marker}")
+    run = Run(tmp_path)
+    try:
+        assert not marker.exists()
+        before = len(caplog.records)
         # A file large enough for the data path: its Syncer hangs after the first write.
-        write_elsewhere(primary / "dir" / "big", 3 << 20)
-        wait_for(armed.exists, 60, "the hang fault to fire")
-        reason = wait_for(lambda: status.status == "Faulty" and status.faulty_reason, 30,
-                          "status Faulty with the watchdog's reason")
+        write_elsewhere(run.primary / "dir" / "big", 3 << 20)
+        wait_for(marker.exists, 60, "the hang fault to fire")
+        reason = wait_for(lambda: run.status.status == "Faulty" and run.status.faulty_reason,
+                          30, "status Faulty with the watchdog's reason")
         assert "actor Syncer is stuck: busy with sync for" in reason, reason
         assert f"(limit {BUSY_LIMIT:g} s)" in reason
-
-        write_elsewhere(primary / "dir" / "after", 1000)  # while the Syncer is stuck
-        wait_for(lambda: not _differences(primary, secondary), 120,
-                 "the secondary to converge after the restart")
-        wait_for(lambda: status.faulty_reason is None, 30, "the reason to clear")
-        assert status.state() == "Active"
+        write_elsewhere(run.primary / "dir" / "after", 1000)  # while the Syncer is stuck
+        run.converged()
     finally:
-        stop.set()
-        summary = run.get(timeout=120)
-        sup.stop()
+        summary = run.finish()
     assert summary.counters["pipeline_restarts"] == 1
     # The stuck Syncer kept its driver waiting: left behind, not waited for.
     assert summary.counters["drivers_left_behind"] == 1
-
-    records = caplog.records[before:]
-    errors = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
+    errors, modes = restart_logs(caplog, before)
     restarting = [m for m in errors if m.startswith("restarting the pipeline: ")]
     assert len(restarting) == 1, errors  # the reason, once
     assert "actor Syncer is stuck" in restarting[0]
@@ -119,7 +147,32 @@ def test_stuck_actor_restarts_the_pipeline_from_the_marks(
     assert "stack of the stuck Syncer:" in restarting[0]
     assert "in fault" in restarting[0] and "time.sleep" in restarting[0], restarting[0]
     assert not [m for m in errors if "is stuck" in m and m not in restarting]
-    # The new pipeline resumed from the marks (History Crawl), not from a tree walk.
-    modes = [r.getMessage() for r in records if r.getMessage().startswith("crawl=")]
-    assert modes and modes[0].startswith("crawl=History Crawl"), modes
-    assert not [m for m in modes if m.startswith("crawl=Hybrid Crawl")], modes
+    assert_resumed_from_the_marks(modes)
+
+
+def test_failed_round_restarts_the_pipeline_from_the_marks(
+        tmp_path: Path, marker: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An exception out of a round with the connection up (``before_mark:raise``, armed
+    once the first marks are written: the idle mark meets it) restarts the pipeline the
+    same way: reason logged once with its traceback, Faulty meanwhile, History Crawl."""
+    caplog.set_level(logging.INFO)
+    run = Run(tmp_path)
+    try:
+        before = len(caplog.records)
+        faults.reset(f"before_mark:raise:once={marker}")
+        wait_for(marker.exists, 60, "the fault to fire")
+        reason = wait_for(lambda: run.status.faulty_reason, 30, "the Supervisor's reason")
+        assert reason == "an actor failed: FaultInjected: fault point before_mark", reason
+        write_elsewhere(run.primary / "dir" / "after", 1000)
+        run.converged()
+    finally:
+        summary = run.finish()
+    assert summary.counters["pipeline_restarts"] == 1
+    assert "drivers_left_behind" not in summary.counters  # nothing stuck: it ended at once
+    errors, modes = restart_logs(caplog, before)
+    restarting = [r for r in caplog.records[before:]
+                  if r.getMessage().startswith("restarting the pipeline: ")]
+    assert len(restarting) == 1, errors
+    assert restarting[0].exc_info is not None  # with the traceback of the failure
+    assert "FaultInjected" in caplog.text
+    assert_resumed_from_the_marks(modes)
