@@ -19,7 +19,9 @@ all tools with the same ssh options:
    CPU time is counted on both sides: here (the tool and its ssh client, from ``wait4``)
    and there (the process sshd starts: ``georep-node secondary`` or the remote rsync),
    by running the remote command under GNU ``/usr/bin/time -o FILE`` (same machine);
-   without ``/usr/bin/time`` the "there" column is left out.
+   without ``/usr/bin/time`` the "there" column is left out.  Before each run the source
+   and that tool's copy are read once (page cache warm for every tool; the ceiling below
+   measures cold reads) and ``sync`` is called.
 2. **ceiling**: ``dd if=FILE of=/dev/null bs=1M`` after ``echo 3 >
    /proc/sys/vm/drop_caches`` (cold disk read; root only, benchmark only), the same with
    a warm cache, ``cat FILE | ssh HOST 'cat > /dev/null'`` (the ssh pipe), and georep's
@@ -138,6 +140,11 @@ def bench_delta(ns: argparse.Namespace, server: SshServer, work: Path, src: Path
         logfile = logs / f"{tool}-{tag}.jsonl"
         timefile = logs / f"{tool}-{tag}.time" if os.access(GNU_TIME, os.X_OK) else None
         ssh = counted_ssh(server, logfile)
+        # Both copies in the page cache for every tool (the ceiling measures cold reads),
+        # and nothing left dirty for anyone's syncfs/fsync to wait for.
+        for f in (big, dsts[tool] / big.name):
+            if f.exists():
+                subprocess.run(["cat", str(f)], stdout=subprocess.DEVNULL, check=True)
         os.sync()
         if tool == "georep":
             r = run_georep(tool, georep_cmd(server, src, dsts[tool], "--ssh-command", ssh,
@@ -251,7 +258,8 @@ def render(result: dict[str, Any], delta: dict[str, list[Run]] | None,
     if delta:
         g_tot = _med(delta["georep"], "total")
         out += [f"**{result['mib']} MiB file of random data, 1 MiB rewritten in the middle**, "
-                f"synced onto the previous copy (medians of {result['reps']}; bytes = ssh "
+                f"synced onto the previous copy, both copies in the page cache (medians of "
+                f"{result['reps']}; bytes = ssh "
                 "channel payload both ways, counted by `bench/sshcount.py` wrapped around "
                 "each tool's ssh client):",
                 "",
