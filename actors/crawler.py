@@ -36,10 +36,11 @@ from actors.reconcile import (
     SeenLinks,
     SubDir,
     dir_meta_needed,
+    meta_differs,
     plan_dir,
 )
 from fsops import gfid as gfids
-from fsops.constants import ROOT_GFID
+from fsops.constants import META_DIR, ROOT_GFID
 from fsops.dirmap import DirMap
 from fsops.primary import Entry, PrimaryTree
 from transport import Channel
@@ -61,6 +62,8 @@ class _Todo:
     needs_listing: bool
     #: The listing comes through the Batcher, after the ops that precede it.
     ordered: bool = False
+    #: Live re-check of only these names (the journal named them); None: every entry.
+    names: list[bytes] | None = None
 
 
 #: Which subdirectories a crawl descends into.
@@ -97,6 +100,8 @@ class Crawler(Inspectable, pykka.ThreadingActor):
         self.descend = DESCEND_ALL
         self.force_data: frozenset[bytes] = frozenset()
         self.unresolved: list[bytes] = []
+        #: Live: changed files not met yet by this re-check (gfid -> file handle).
+        self.objects: dict[bytes, bytes] = {}
         self.done: Future[CrawlResult] | None = None
         self._me: Any = None
 
@@ -113,6 +118,7 @@ class Crawler(Inspectable, pykka.ThreadingActor):
             done.set_exception(RuntimeError("a crawl is already running"))
             return
         self.stack = list(reversed(todos))
+        self.objects = {}
         self.descend = descend
         self.force_data = force_data
         self.unresolved = []
@@ -128,17 +134,24 @@ class Crawler(Inspectable, pykka.ThreadingActor):
         self._run([_Todo(SubDir(root, b"", remote), None, True)], DESCEND_ALL, frozenset(),
                   done)
 
-    def recheck(self, gfids: list[bytes], force_data: frozenset[bytes],
-                done: Future[CrawlResult]) -> None:
+    def recheck(self, targets: list[tuple[bytes, list[bytes] | None]],
+                force_data: frozenset[bytes], done: Future[CrawlResult],
+                objects: list[tuple[bytes, bytes]] | None = None) -> None:
         """Live crawl: re-check these directories (and the new subtrees found in them).
 
+        Each target is (directory gfid, names): only those entries are compared (an
+        empty list: the directory's own meta only), or every entry when names is None.
+        ``objects`` are (gfid, file handle) of files the journal says changed: those the
+        named re-checks do not meet where their records said (changed through a link that
+        is gone since, while another link lives on) are compared by handle (_objects).
         Directories the map cannot place on the primary, or that are not where it says,
         come back in the result's ``unresolved`` list.
         """
         todos: list[_Todo] = []
         unresolved: list[bytes] = []
-        rows = [(g, self.channel.call_async("stat_gfid", {"gfid": g})) for g in gfids]
-        for gfid, fut in rows:
+        rows = [(g, names, self.channel.call_async("stat_gfid", {"gfid": g}))
+                for g, names in targets]
+        for gfid, names, fut in rows:
             row = fut.result(timeout=self.timeout)
             if row is None:
                 continue  # not on the secondary yet: its parent's re-check creates it
@@ -154,9 +167,43 @@ class Crawler(Inspectable, pykka.ThreadingActor):
                 unresolved.append(gfid)
                 continue
             todos.append(_Todo(SubDir(entry, relpath, Remote(entry.name, gfid, *row)),
-                               None, True))
+                               None, True, names=names))
         self._run(todos, DESCEND_NEW, force_data, done)
+        self.objects = dict(objects or [])
         self.unresolved.extend(unresolved)
+
+    def _objects(self, objects: list[tuple[bytes, bytes]], force_data: frozenset[bytes]) -> None:
+        """Compare files by kernel file handle (gfid, handle): changed files with several
+        links whose current name the kernel cannot give.  Data and meta move by gfid."""
+        ops: list[dict[str, Any]] = []
+        jobs: list[DataJob] = []
+        for gfid, handle in objects:
+            label = b".gfid/" + gfid.hex().encode()
+            try:
+                fd = self.primary.open_handle(handle, gfid)
+            except OSError as ex:
+                self.ledger.fail("data", "open", label, gfid, ex.errno, ex.strerror or str(ex))
+                continue
+            if fd is None:
+                continue  # gone: its names are in E records
+            try:
+                e = self.primary.entry_of_fd(fd, gfid)
+            finally:
+                os.close(fd)
+            row = self.channel.call("stat_gfid", {"gfid": gfid}, timeout=self.timeout)
+            if row is None:
+                continue  # not on the secondary: the E record of its new name creates it
+            r = Remote(b"", gfid, *row)
+            if r.size != e.size or r.mtime_ns != e.mtime_ns or gfid in force_data:
+                jobs.append(DataJob(e, label, r.size, handle=handle))
+            elif meta_differs(e, r):
+                ops.append({"op": "meta", "gfid": gfid, "meta": e.meta()})
+        if ops or jobs:
+            self.ledger.count("linked_by_handle", len(objects))
+            if not self.credits.acquire(timeout=self.timeout):
+                raise TimeoutError("the Batcher has not taken ops for too long")
+            self.batcher.add.defer(ops, [b".gfid/" + op["gfid"].hex().encode() for op in ops],
+                                   jobs, [])
 
     def _dir_entry(self, relpath: bytes, gfid: bytes) -> Entry | None:
         if not relpath:
@@ -186,6 +233,9 @@ class Crawler(Inspectable, pykka.ThreadingActor):
     def step(self) -> None:
         """Crawl one directory, then schedule the next."""
         if not self.stack:
+            if self.objects:
+                self._objects(list(self.objects.items()), self.force_data)
+                self.objects = {}
             if self.dirmap is not None:
                 self.dirmap.flush()
             if self.done is not None and not self.done.done():
@@ -201,7 +251,10 @@ class Crawler(Inspectable, pykka.ThreadingActor):
 
     def _request_listing(self, todo: _Todo) -> None:
         if todo.needs_listing and todo.listing is None:
-            todo.listing = self.channel.call_async("list_dir", {"gfid": todo.sub.entry.gfid})
+            args: dict[str, Any] = {"gfid": todo.sub.entry.gfid}
+            if todo.names is not None:
+                args["names"] = todo.names
+            todo.listing = self.channel.call_async("list_dir", args)
 
     def _prefetch(self) -> None:
         for todo in self.stack[-PREFETCH:]:
@@ -230,7 +283,10 @@ class Crawler(Inspectable, pykka.ThreadingActor):
                 self.unresolved.append(d.gfid)  # moved since it was placed: look again
             return
         try:
-            entries, problems = self.primary.list_dir(fd, is_root=not sub.relpath)
+            if todo.names is None:
+                entries, problems = self.primary.list_dir(fd, is_root=not sub.relpath)
+            else:
+                entries, problems = self._named(fd, todo.names, is_root=not sub.relpath)
             for name, reason in problems:
                 self.ledger.fail("entry", "scan", _join(sub.relpath, name), None, None, reason,
                                  pgfid=d.gfid)
@@ -240,6 +296,9 @@ class Crawler(Inspectable, pykka.ThreadingActor):
             if self.dirmap is not None:
                 for s in plan.subdirs:
                     self.dirmap.set(s.entry.gfid, d.gfid, s.entry.name)
+            if self.objects:
+                for e in entries:
+                    self.objects.pop(e.gfid, None)
             self.ledger.count("scanned", len(entries))
             self.ledger.count("dirs_scanned")
             self._read_inline(fd, sub.relpath, plan)
@@ -259,6 +318,24 @@ class Crawler(Inspectable, pykka.ThreadingActor):
             # renamed directory's new name shows before its contents are compared).
             self.batcher.flush.defer()
         self.stack.extend(reversed(todos))
+
+    def _named(self, fd: int, names: list[bytes], *,
+               is_root: bool) -> tuple[list[Entry], list[tuple[bytes, str]]]:
+        """The entries of ``names`` that exist in the open directory, as ``list_dir`` would
+        report them (a name not there any more is simply absent: the plan removes it)."""
+        entries: list[Entry] = []
+        problems: list[tuple[bytes, str]] = []
+        for name in names:
+            if is_root and name == META_DIR:
+                continue
+            try:
+                entries.append(self.primary.stat_entry(fd, name))
+            except FileNotFoundError:
+                continue
+            except OSError as e:
+                problems.append((name, f"{os.strerror(e.errno or 0)} (errno {e.errno})"))
+        entries.sort(key=lambda e: e.name)
+        return entries, problems
 
     def _subdir_todos(self, plan: Plan) -> tuple[list[_Todo], list[tuple[bytes, Future[Any]]]]:
         """What to crawl next, and which listings must follow this directory's ops.

@@ -1,12 +1,14 @@
 """Live replication: History Crawl, then Changelog Crawl, with Hybrid Crawl for gaps.
 
-A journal record means "re-check this": ``E``/``R`` name directories whose entries
-changed, ``D``/``M`` name objects whose data or attributes changed.  Events merge and
-lose their order in the kernel, so records are not replayed as operations: each round
-turns the new records into a set of directories to re-check against the current state
-of the primary (the same reconciler as the hybrid crawl, one directory deep, plus any
-subtree that is new on the secondary) and a set of files whose data must be compared.
-A replay of records already handled is therefore a no-op.
+A journal record means "re-check this": ``E``/``R`` name entries (directory gfid and
+name) that changed, ``D``/``M`` name objects whose data or attributes changed.  Events
+merge and lose their order in the kernel, so records are not replayed as operations:
+each round turns the new records into the names to re-check in each directory, against
+the current state of the primary (the same reconciler as the hybrid crawl, given only
+those names on both sides, plus any subtree that is new on the secondary) and a set of
+files whose data must be compared.  A replay of records already handled is therefore
+a no-op.  A round costs what its records name, not the size of the directories they
+are in.
 
 Marks: after a round's ops and data are acknowledged and the secondary has made them
 durable (``commit``, at most once per ``commit_interval``), entry_stime and stime move to
@@ -46,17 +48,48 @@ UNRESOLVED_ROUNDS = 5
 SAFETY_INTERVAL = 3.0
 #: While idle, the ledger is asked this often whether a failed item is due for a retry.
 RETRY_POLL = 0.25
+#: Past this many names in one directory in one round, the whole directory is re-listed.
+NAMES_MAX = 4096
 
 
 @dataclass
 class Work:
     """What one round of records asks for."""
 
-    dirs: set[bytes] = field(default_factory=set)
+    #: Directories to re-check: gfid -> the names to compare (an empty set: only the
+    #: directory's own meta), or None for every entry.
+    dirs: dict[bytes, set[bytes] | None] = field(default_factory=dict)
     force: set[bytes] = field(default_factory=set)
+    #: Changed files: gfid -> file handle, for those the named re-checks do not meet.
+    linked: dict[bytes, bytes] = field(default_factory=dict)
     last_ts: int = 0
     gap: str | None = None  # why history is broken at this point (overflow, restart)
     records: int = 0
+
+    def name(self, pgfid: bytes, name: bytes | None) -> None:
+        """Re-check ``name`` in directory ``pgfid`` (None: the whole directory)."""
+        if pgfid in self.dirs:
+            names = self.dirs[pgfid]
+            if names is None:
+                return
+            if name is None or len(names) >= NAMES_MAX:
+                self.dirs[pgfid] = None
+            else:
+                names.add(name)
+        else:
+            self.dirs[pgfid] = None if name is None else {name}
+
+    def whole(self, gfid: bytes) -> None:
+        """Re-check every entry of directory ``gfid``."""
+        self.dirs[gfid] = None
+
+    def own(self, gfid: bytes) -> None:
+        """Re-check the directory ``gfid`` itself (its own meta)."""
+        self.dirs.setdefault(gfid, set())
+
+    def targets(self) -> list[tuple[bytes, list[bytes] | None]]:
+        """(gfid, sorted names or None), sorted by gfid, for the crawler's re-check."""
+        return [(g, None if n is None else sorted(n)) for g, n in sorted(self.dirs.items())]
 
 
 def digest(records: list[Record], dirmap: DirMap, work: Work) -> None:
@@ -66,25 +99,27 @@ def digest(records: list[Record], dirmap: DirMap, work: Work) -> None:
         work.last_ts = max(work.last_ts, r.ts)
         if r.kind == ENTRY:
             if r.pgfid:
-                work.dirs.add(r.pgfid)
+                work.name(r.pgfid, r.name or None)
         elif r.kind == RENAME:
             if r.pgfid:
-                work.dirs.add(r.pgfid)
+                work.name(r.pgfid, r.name or None)
             if r.npgfid:
-                work.dirs.add(r.npgfid)
+                work.name(r.npgfid, r.nname or None)
             if r.gfid and r.npgfid and r.nname and dirmap.get(r.gfid) is not None:
                 dirmap.set(r.gfid, r.npgfid, r.nname)
         elif r.kind in (DATA, META):
             if r.pgfid:
                 # A file (or a directory named in its parent): re-check the parent; data
                 # is compared even if size and mtime did not move.
-                work.dirs.add(r.pgfid)
+                work.name(r.pgfid, r.name or None)
                 if r.kind == DATA and r.gfid:
                     work.force.add(r.gfid)
+                if r.handle and r.gfid:
+                    work.linked[r.gfid] = r.handle
             elif r.gfid:
-                # An event on a directory itself: re-check it (its own meta included).  A
-                # directory the map cannot place is retried, then handled by a hybrid crawl.
-                work.dirs.add(r.gfid)
+                # An event on a directory itself: re-check its own meta.  A directory the
+                # map cannot place is retried, then handled by a hybrid crawl.
+                work.own(r.gfid)
         elif r.kind == OVERFLOW:
             work.gap = "the recorder's event queue overflowed"
         elif r.kind in (START, STOP):
@@ -197,12 +232,14 @@ class Follower:
             self.on_mode(CHANGELOG)
             self.unresolved.clear()
             return
-        dirs = set(work.dirs) | set(self.unresolved)
+        for g in self.unresolved:
+            work.whole(g)  # looked for again: compared whole once it is found
         force = set(work.force)
-        retry_only = self._take_retries(dirs, force)
-        if dirs or force:
+        retry_only = self._take_retries(work, force)
+        if work.dirs or force:
             done: Future[CrawlResult] = Future()
-            self.crawler.recheck.defer(sorted(dirs), frozenset(force), done)
+            self.crawler.recheck.defer(work.targets(), frozenset(force), done,
+                                       list(work.linked.items()))
             result = done.result(timeout=self.timeout)
             self.batcher.drain().get(timeout=self.timeout)
             self.channel.call("end_crawl", {}, timeout=self.timeout)
@@ -226,7 +263,7 @@ class Follower:
         self.ledger.count("live_records", work.records)
         self._maybe_commit()
 
-    def _take_retries(self, dirs: set[bytes], force: set[bytes]) -> dict[bytes, list[Failure]]:
+    def _take_retries(self, work: Work, force: set[bytes]) -> dict[bytes, list[Failure]]:
         """Failed items due for a retry: their directories join this round's re-checks.
 
         One item at a time (its directory, resolved through the directory map by the
@@ -239,16 +276,16 @@ class Follower:
             if d is None:
                 self.ledger.drop(f, "its directory is no longer on the primary")
                 continue
-            if d not in dirs:
+            if d not in work.dirs:
                 only.setdefault(d, []).append(f)
-                dirs.add(d)
             elif d in only:
                 only[d].append(f)
+            work.whole(d)  # the failure's name may be stale (a path): compare them all
             if f.gfid and f.kind == "data":
                 force.add(f.gfid)
             if f.gfid and f.gfid != d and (f.gfid == ROOT_GFID
                                            or self.dirmap.get(f.gfid) is not None):
-                dirs.add(f.gfid)  # a directory's own meta: re-check the directory itself
+                work.own(f.gfid)  # a directory's own meta: re-check the directory itself
         if only:
             self.ledger.count("failure_retries", sum(len(v) for v in only.values()))
         return only

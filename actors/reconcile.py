@@ -125,6 +125,9 @@ class DataJob:
     #: The directory the file was found in: re-checked when the file cannot be found at
     #: ``relpath`` any more (moved since), so its data is never silently dropped.
     pgfid: bytes | None = None
+    #: Open the file by this kernel file handle instead of ``relpath`` (live: a changed
+    #: file with several links whose current name the kernel cannot give).
+    handle: bytes | None = None
 
 
 @dataclass(slots=True)

@@ -102,13 +102,13 @@ class Syncer(Inspectable, pykka.ThreadingActor):
                 if st[4] == e.size and st[5] == e.mtime_ns:
                     self._meta_only(job)
                     return
-        if self.engine is not None:
-            self._queue(job, 0)
+        if self.engine is not None and job.handle is None:
+            self._queue(job, 0)  # (a job by file handle has no path for an engine)
             return
         for _attempt in range(MAX_TRIES):
             try:
                 check_read(job.relpath)  # test-only fault point (docs/faults.md)
-                fd = self.primary.open_file(job.relpath, e.gfid)
+                fd = self._open(job)
             except OSError as ex:
                 self.ledger.fail("data", "open", job.relpath, e.gfid, ex.errno,
                                  ex.strerror or str(ex))
@@ -245,7 +245,7 @@ class Syncer(Inspectable, pykka.ThreadingActor):
     def _primary_stat(self, job: DataJob) -> os.stat_result | None:
         """stat of the primary file if ``relpath`` still holds the job's gfid, else None."""
         try:
-            fd = self.primary.open_file(job.relpath, job.entry.gfid)
+            fd = self._open(job)
         except OSError as ex:
             self.ledger.fail("data", "open", job.relpath, job.entry.gfid, ex.errno,
                              ex.strerror or str(ex))
@@ -257,6 +257,11 @@ class Syncer(Inspectable, pykka.ThreadingActor):
             return os.fstat(fd)
         finally:
             os.close(fd)
+
+    def _open(self, job: DataJob) -> int | None:
+        if job.handle is not None:
+            return self.primary.open_handle(job.handle, job.entry.gfid)
+        return self.primary.open_file(job.relpath, job.entry.gfid)
 
     def _vanished(self, job: DataJob) -> None:
         """The file is no longer at ``relpath`` (removed, replaced, or an ancestor renamed).

@@ -66,6 +66,9 @@ class Record:
     name: bytes | None = None
     npgfid: bytes | None = None
     nname: bytes | None = None
+    #: ``D``/``M`` of a file with several links: its file handle, so the worker can find
+    #: the object's current name when the one recorded is gone (the change is not lost).
+    handle: bytes | None = None
 
     @classmethod
     def entry(cls, ts: int, pgfid: bytes, name: bytes) -> Record:
@@ -80,18 +83,18 @@ class Record:
 
     @classmethod
     def data(cls, ts: int, gfid: bytes, pgfid: bytes | None = None,
-             name: bytes | None = None) -> Record:
+             name: bytes | None = None, handle: bytes | None = None) -> Record:
         """``D``: the content of ``gfid`` (``name`` in directory ``pgfid``) changed."""
-        return cls(DATA, ts, gfid=gfid, pgfid=pgfid, name=name)
+        return cls(DATA, ts, gfid=gfid, pgfid=pgfid, name=name, handle=handle)
 
     @classmethod
     def meta(cls, ts: int, gfid: bytes, pgfid: bytes | None = None,
-             name: bytes | None = None) -> Record:
+             name: bytes | None = None, handle: bytes | None = None) -> Record:
         """``M``: attributes or xattrs of ``gfid`` (``name`` in ``pgfid``) changed.
 
         The parent and name are absent for an event on a directory itself.
         """
-        return cls(META, ts, gfid=gfid, pgfid=pgfid, name=name)
+        return cls(META, ts, gfid=gfid, pgfid=pgfid, name=name, handle=handle)
 
     @classmethod
     def marker(cls, kind: str, ts: int) -> Record:
@@ -131,6 +134,8 @@ def encode(rec: Record) -> bytes:
             d["p"] = rec.pgfid
         if rec.name is not None:
             d["n"] = rec.name
+        if rec.handle is not None:
+            d["h"] = rec.handle
     return msgpack.packb(d, use_bin_type=True)
 
 
@@ -140,7 +145,7 @@ def decode(body: bytes) -> Record:
                         max_map_len=16, max_array_len=0)
     if d.get("k") == RENAME:
         return Record(RENAME, d["t"], d["s"], d.get("g"), d["op"], d["on"], d["np"], d["nn"])
-    return Record(d["k"], d["t"], d["s"], d.get("g"), d.get("p"), d.get("n"))
+    return Record(d["k"], d["t"], d["s"], d.get("g"), d.get("p"), d.get("n"), handle=d.get("h"))
 
 
 def _frame(rec: Record) -> bytes:

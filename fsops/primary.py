@@ -14,8 +14,8 @@ import os
 import stat
 from dataclasses import dataclass, field
 
+from fsops import fanotify, xattrs
 from fsops import gfid as gfids
-from fsops import xattrs
 from fsops.constants import (
     META_DIR,
     ROOT_GFID,
@@ -129,6 +129,32 @@ class PrimaryTree:
             os.close(fd)
             return None
         return fd
+
+    def open_handle(self, handle: bytes, want_gfid: bytes) -> int | None:
+        """Read-only fd of the regular file with this kernel file handle if it is
+        ``want_gfid`` and still linked somewhere (open_by_handle_at: needs root)."""
+        try:
+            fd = fanotify.open_by_handle_at(self.root_fd, handle, os.O_RDONLY | os.O_NOATIME)
+        except PermissionError:
+            fd = fanotify.open_by_handle_at(self.root_fd, handle, os.O_RDONLY)
+        except OSError as e:
+            if e.errno in (errno.ENOENT, errno.ESTALE, errno.ELOOP, errno.ENXIO):
+                return None
+            raise
+        st = os.fstat(fd)
+        if (not stat.S_ISREG(st.st_mode) or st.st_nlink == 0
+                or gfids.read_gfid(fd, st.st_ino) != want_gfid):
+            os.close(fd)
+            return None
+        return fd
+
+    def entry_of_fd(self, fd: int, gfid: bytes) -> Entry:
+        """An open regular file as an Entry without a name (``name`` is empty)."""
+        st = os.fstat(fd)
+        attrs = xattrs.read_replicated(fd, scope=self.xattr_scope)
+        return Entry(b"", gfid, T_FILE, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+                     st.st_size, st.st_atime_ns, st.st_mtime_ns, st.st_ctime_ns, st.st_nlink,
+                     st.st_ino, 0, None, attrs, xattrs.digest(attrs))
 
     def root_entry(self) -> Entry:
         """The brick root as an Entry (its gfid is always ROOT_GFID)."""

@@ -279,10 +279,13 @@ class _Fanotify:
                 if ev.name not in (None, b".") and ev.dfid is not None and not ondir:
                     pg = self._dir(ev.dfid)
                 where = (pg, ev.name) if pg is not None else (None, None)
+                # A file may live on under another link once this name is gone: its
+                # handle lets the worker reach it without a name (docs/journal.md).
+                h = ev.fid if not ondir and g != ROOT_GFID else None
                 if m & _FAN_DATA and not ondir:
-                    emit(Record.data(ts, g, *where))
+                    emit(Record.data(ts, g, where[0], where[1], handle=h))
                 if m & fan.FAN_ATTRIB:
-                    emit(Record.meta(ts, g, *where))
+                    emit(Record.meta(ts, g, where[0], where[1], handle=h))
                 out = True
         return out
 

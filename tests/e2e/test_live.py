@@ -298,3 +298,34 @@ def test_queue_overflow_forces_hybrid(live: Live) -> None:
     offset = live.start()
     text = restarted(live, offset, HYBRID)
     assert "journal gap" in text or text.index(HYBRID) < text.index(CHANGELOG), text
+
+
+@pytest.mark.parametrize("down", [False, True], ids=["running", "while-down"])
+def test_change_through_a_removed_hardlink_reaches_the_other_name(live: Live,
+                                                                  down: bool) -> None:
+    """A file changed through one link that is then removed lives on under its other
+    name, in another directory: the change must still arrive there.  The journal names
+    only the removed link; the record's file handle finds the survivor."""
+    keep = live.p / "linked-keep"
+    via = live.p / "linked-via"
+    keep.mkdir()
+    via.mkdir()
+    (keep / "survivor").write_bytes(b"old content\n")
+    started(live)
+    if down:
+        assert live.stop() == 0, live.stderr()
+    os.link(keep / "survivor", via / "temp-link")
+    converge_or_down = None if down else converge(live.p, live.s)
+    del converge_or_down
+    with open(via / "temp-link", "r+b") as f:
+        f.write(b"NEW content, longer than before\n")
+    os.chmod(via / "temp-link", 0o600)
+    os.unlink(via / "temp-link")
+    if down:
+        offset = live.start()
+        restarted(live, offset, HISTORY)
+    else:
+        converge(live.p, live.s)
+    assert (live.s / "linked-keep" / "survivor").read_bytes() == \
+        b"NEW content, longer than before\n"
+    assert stat.S_IMODE(os.stat(live.s / "linked-keep" / "survivor").st_mode) == 0o600
