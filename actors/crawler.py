@@ -17,13 +17,13 @@ import errno
 import logging
 import os
 import stat
-import threading
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any
 
 import pykka
 
+from actors.batcher import Credits, cost
 from actors.faults import check_read
 from actors.inspect import Inspectable
 from actors.ledger import Ledger
@@ -83,7 +83,7 @@ class Crawler(Inspectable, pykka.ThreadingActor):
     """Walks the primary brick and feeds the Batcher with what must change."""
 
     def __init__(self, primary: PrimaryTree, channel: Channel, batcher: Any, ledger: Ledger,
-                 credits: threading.Semaphore, *, dirmap: DirMap | None = None,
+                 credits: Credits, *, dirmap: DirMap | None = None,
                  timeout: float = 600.0, rules: Rules = NO_RULES) -> None:
         super().__init__()
         #: Exclude patterns and ignore-deletes (config keys; actors/reconcile.Rules).
@@ -187,6 +187,8 @@ class Crawler(Inspectable, pykka.ThreadingActor):
             if fd is None:
                 continue  # gone: its names are in E records
             try:
+                if self.rules.patterns and self._excluded_fd(fd):
+                    continue
                 e = self.primary.entry_of_fd(fd, gfid)
             finally:
                 os.close(fd)
@@ -200,10 +202,20 @@ class Crawler(Inspectable, pykka.ThreadingActor):
                 ops.append({"op": "meta", "gfid": gfid, "meta": e.meta()})
         if ops or jobs:
             self.ledger.count("linked_by_handle", len(objects))
-            if not self.credits.acquire(timeout=self.timeout):
-                raise TimeoutError("the Batcher has not taken ops for too long")
+            credit = self._take_credits(ops, jobs)
             self.batcher.add.defer(ops, [b".gfid/" + op["gfid"].hex().encode() for op in ops],
-                                   jobs, [])
+                                   jobs, [], credit)
+
+    def _take_credits(self, ops: list[dict[str, Any]], jobs: list[DataJob]) -> tuple[int, int]:
+        """Wait for room in the in-flight budget (actors/batcher.Credits) for an add."""
+        credit = cost(ops, jobs)
+        if not self.credits.acquire(*credit, timeout=0):
+            # The budget is held by ops in flight and by the Batcher's partial batch: send
+            # the latter now, or it would wait for ops that wait for it.
+            self.batcher.flush.defer()
+            if not self.credits.acquire(*credit, timeout=self.timeout):
+                raise TimeoutError("the secondary has not answered ops for too long")
+        return credit
 
     def _dir_entry(self, relpath: bytes, gfid: bytes) -> Entry | None:
         if not relpath:
@@ -310,14 +322,22 @@ class Crawler(Inspectable, pykka.ThreadingActor):
             ops.append({"op": "meta", "gfid": d.gfid, "meta": d.meta()})
             paths.append(sub.relpath or b".")
         todos, listings = self._subdir_todos(plan)
-        if not self.credits.acquire(timeout=self.timeout):
-            raise TimeoutError("the Batcher has not taken ops for too long")
-        self.batcher.add.defer(ops, paths, plan.data, listings)
+        credit = self._take_credits(ops, plan.data)
+        self.batcher.add.defer(ops, paths, plan.data, listings, credit)
         if self.descend == DESCEND_NEW and ops:
             # Live: send this directory's ops now rather than after the whole re-check (a
             # renamed directory's new name shows before its contents are compared).
             self.batcher.flush.defer()
         self.stack.extend(reversed(todos))
+
+    def _excluded_fd(self, fd: int) -> bool:
+        """True when the file's current path (as the kernel names it) is excluded; a
+        file the kernel cannot name below the root is treated as excluded (not sent)."""
+        path = os.readlink(b"/proc/self/fd/%d" % fd)
+        root = os.readlink(b"/proc/self/fd/%d" % self.primary.root_fd)
+        if not path.startswith(root + b"/"):
+            return True
+        return self.rules.path_excluded(path[len(root) + 1:], False)
 
     def _named(self, fd: int, names: list[bytes], *,
                is_root: bool) -> tuple[list[Entry], list[tuple[bytes, str]]]:

@@ -107,7 +107,12 @@ def restart_logs(caplog: pytest.LogCaptureFixture, before: int) -> tuple[list[st
     """(the ERROR lines, the crawl= lines) logged since record ``before``."""
     records = caplog.records[before:]
     errors = [r.getMessage() for r in records if r.levelno >= logging.ERROR]
-    modes = [r.getMessage() for r in records if r.getMessage().startswith("crawl=")]
+    # The crawl modes of the new pipeline: those logged after the restart (the first
+    # crawl's lines may land after ``before`` on a loaded machine).
+    restart = next((i for i, r in enumerate(records)
+                    if r.getMessage().startswith("restarting the pipeline: ")), -1)
+    modes = [r.getMessage() for r in records[restart + 1:]
+             if r.getMessage().startswith("crawl=")]
     return errors, modes
 
 
