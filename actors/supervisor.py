@@ -33,7 +33,7 @@ from typing import Any
 
 import pykka
 
-from actors.batcher import Batcher
+from actors.batcher import MAX_BYTES_IN_FLIGHT, MAX_OPS_IN_FLIGHT, Batcher, Credits
 from actors.control import Restarts, RoundStop, paused_check, start_control
 from actors.crawler import Crawler, CrawlResult
 from actors.engines import NATIVE, EngineSpec, TokenBucket
@@ -90,6 +90,10 @@ class SyncOptions:
     secondary: str
     jobs: int = 2
     max_ops: int = 1024
+    #: Flow control: ops and inline bytes between the Crawler and the secondary's replies
+    #: (actors/batcher.Credits); what bounds the worker's memory.
+    max_ops_in_flight: int = MAX_OPS_IN_FLIGHT
+    max_bytes_in_flight: int = MAX_BYTES_IN_FLIGHT
     retries: int = 1
     timeout: float = 600.0
     session: str | None = None
@@ -186,6 +190,9 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
         self.faulty_reason: str | None = None
         self._remote: pykka.ActorRef[Any] | None = None
         self._abort = threading.Event()
+        #: The pipeline's in-flight budget, and the largest peaks of the earlier ones.
+        self._last_credits: Credits | None = None
+        self._old_peaks = (0, 0)
         self._abort_reason = ""
         self._bucket = TokenBucket(options.bwlimit) if options.bwlimit else None
 
@@ -260,6 +267,7 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
                     break
             summary.transfer = transfer
             summary.counters = dict(self.ledger.counters)
+            summary.counters.update(self._flow_peaks)
             summary.failures = self.ledger.failures()
         finally:
             self.ledger.flush()
@@ -341,7 +349,7 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
 
     def _one_pass(self, primary: PrimaryTree, channel: Any) -> dict[str, int]:
         o = self.options
-        credits = threading.Semaphore(64)
+        credits = self._credits()
         done: Future[CrawlResult] = Future()
         started: list[pykka.ActorRef[Any]] = []
         try:
@@ -366,6 +374,24 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
         finally:
             for ref in reversed(started):
                 ref.stop(block=True, timeout=o.timeout)
+
+    def _credits(self) -> Credits:
+        """A fresh in-flight budget for a pipeline; its peaks go to the summary."""
+        old = self._last_credits
+        if old is not None:
+            self._old_peaks = (max(self._old_peaks[0], old.peak_ops),
+                               max(self._old_peaks[1], old.peak_bytes))
+        credits = Credits(self.options.max_ops_in_flight, self.options.max_bytes_in_flight)
+        self._last_credits = credits
+        return credits
+
+    @property
+    def _flow_peaks(self) -> dict[str, int]:
+        c = self._last_credits
+        if c is None:
+            return {}
+        return {"peak_ops_in_flight": max(self._old_peaks[0], c.peak_ops),
+                "peak_inline_bytes_in_flight": max(self._old_peaks[1], c.peak_bytes)}
 
     def _write_marks(self, primary: PrimaryTree, started_ns: int, summary: Summary) -> None:
         self.ledger.flush()  # a mark never passes a failure that is only in memory
@@ -630,7 +656,7 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
         o = self.options
         assert self._remote is not None
         channel: Channel = self._remote.proxy().channel().get(timeout=o.timeout)
-        credits = threading.Semaphore(64)
+        credits = self._credits()
         started: list[pykka.ActorRef[Any]] = []
         jdir = journal_dir(state)
         self._safety(primary, channel)

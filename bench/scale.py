@@ -58,6 +58,7 @@ from typing import Any
 
 import psutil
 
+from actors.batcher import MAX_BYTES_IN_FLIGHT, MAX_OPS_IN_FLIGHT
 from bench.common import (
     GEOREP_NODE,
     BenchError,
@@ -628,6 +629,14 @@ def render(result: dict[str, Any], path: Path) -> str:
                 out.append(f"- worker RSS <= {TARGET_RSS_MIB:.0f} MB at {int(entries):,} entries "
                            f"({what}): {w:.0f} MiB = {w * 1.048576:.0f} MB, "
                            f"{'met' if w * 1.048576 <= TARGET_RSS_MIB else 'MISSED'}.")
+    for entries, s in sizes.items():
+        c = (s["initial"].get("georep_once") or {}).get("counters") or {}
+        if "peak_ops_in_flight" in c:
+            # What bounds the worker's memory (actors/batcher.Credits), counted, not sampled.
+            out.append(f"- ops in flight during sync --once at {int(entries):,} entries: peak "
+                       f"{c['peak_ops_in_flight']:,} (budget {MAX_OPS_IN_FLIGHT:,}), inline "
+                       f"data {c.get('peak_inline_bytes_in_flight', 0) / 2**20:.1f} MiB "
+                       f"(budget {MAX_BYTES_IN_FLIGHT / 2**20:.0f} MiB).")
     out += ["", "Commands (HOST = root@127.0.0.1, SSH = `ssh -F /dev/null -i KEY -p PORT -o "
             "StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o "
             "IdentitiesOnly=yes`):", "", "```",
