@@ -40,6 +40,13 @@ _fallocate.restype = ctypes.c_int
 _syncfs = _libc.syncfs
 _syncfs.argtypes = [ctypes.c_int]
 _syncfs.restype = ctypes.c_int
+_sync_file_range = _libc.sync_file_range
+_sync_file_range.argtypes = [ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong, ctypes.c_uint]
+_sync_file_range.restype = ctypes.c_int
+#: sync_file_range(2) flag: start writeback of the dirty pages in the range, do not wait.
+SYNC_FILE_RANGE_WRITE = 2
+#: Writes at least this large start their writeback at once (see handle_write).
+EARLY_WRITEBACK = 1 << 20
 
 _tls = threading.local()
 
@@ -241,6 +248,10 @@ def handle_write(fd: int, offset: int, payload: bytes | bytearray | memoryview) 
     done = 0
     while done < len(view):
         done += os.pwrite(fd, view[done:], offset + done)
+    if done >= EARLY_WRITEBACK:
+        # Large data: start its writeback now rather than leave it all to the ``commit``
+        # (syncfs) that must finish before the marks move; a hint, errors ignored.
+        _sync_file_range(fd, offset, done, SYNC_FILE_RANGE_WRITE)
     return done
 
 
