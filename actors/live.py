@@ -50,6 +50,11 @@ SAFETY_INTERVAL = 3.0
 RETRY_POLL = 0.25
 #: Past this many names in one directory in one round, the whole directory is re-listed.
 NAMES_MAX = 4096
+#: A directory re-checked by name is re-listed whole once it has had no record for this
+#: long (the consistency sweep: see docs/design.md, "Live rounds").
+SWEEP_AFTER = 1.0
+#: At most this many directories wait for their sweep; past it the oldest go at once.
+SWEEP_MAX = 100_000
 
 
 @dataclass
@@ -174,6 +179,9 @@ class Follower:
         self.safety = safety
         self._last_safety = 0.0
         self._last_retry_poll = 0.0
+        #: Directories re-checked by name since their last whole listing: gfid -> when
+        #: a record last named them (monotonic).
+        self.sweep: dict[bytes, float] = {}
 
     def _collect(self, stop: threading.Event,
                  on_idle: Callable[[], None] | None = None) -> Work:
@@ -202,6 +210,8 @@ class Follower:
                 on_idle()
             if first is None and not recs and self.tail.caught_up:
                 self._idle_mark(now)
+            if first is None and self._sweep_due(now):
+                break  # quiet directories are due for their whole re-listing
             if first is None and now - self._last_retry_poll >= RETRY_POLL:
                 self._last_retry_poll = now
                 due = self.ledger.next_due()
@@ -231,9 +241,11 @@ class Follower:
             self._pending_mark = max(self._pending_mark, self.hybrid())
             self.on_mode(CHANGELOG)
             self.unresolved.clear()
+            self.sweep.clear()  # the walk listed everything
             return
         for g in self.unresolved:
             work.whole(g)  # looked for again: compared whole once it is found
+        self._plan_sweep(work)
         force = set(work.force)
         retry_only = self._take_retries(work, force)
         if work.dirs or force:
@@ -262,6 +274,34 @@ class Follower:
         self.ledger.count("live_rounds")
         self.ledger.count("live_records", work.records)
         self._maybe_commit()
+
+    def _sweep_due(self, now: float) -> bool:
+        return bool(self.sweep) and (len(self.sweep) > SWEEP_MAX or
+                                     now - min(self.sweep.values()) >= SWEEP_AFTER)
+
+    def _plan_sweep(self, work: Work) -> None:
+        """Directories named in this round wait for a sweep; quiet ones get it now.
+
+        A named re-check is exact when the journal names every entry that changed; the
+        sweep, one whole listing of each touched directory once it is quiet, is the
+        safety net for anything the names missed (it costs one listing per quiet
+        directory, not one per round).
+        """
+        now = time.monotonic()
+        due = [g for g, t in self.sweep.items()
+               if now - t >= SWEEP_AFTER and g not in work.dirs]
+        if len(self.sweep) > SWEEP_MAX:
+            due += sorted(self.sweep, key=self.sweep.__getitem__)[:len(self.sweep) - SWEEP_MAX]
+        for g in due:
+            self.sweep.pop(g, None)
+            work.whole(g)
+        for g, names in work.dirs.items():
+            if names is None:
+                self.sweep.pop(g, None)  # listed whole in this round
+            elif g not in due:
+                self.sweep[g] = now
+        if due:
+            self.ledger.count("live_sweeps", len(due))
 
     def _take_retries(self, work: Work, force: set[bytes]) -> dict[bytes, list[Failure]]:
         """Failed items due for a retry: their directories join this round's re-checks.

@@ -130,6 +130,21 @@ def _has_holes(st: os.stat_result) -> bool:
     return st.st_blocks * 512 < st.st_size
 
 
+def _seeks_holes(path: bytes) -> bool:
+    """True when the kernel reports a hole before the end (SEEK_HOLE).
+
+    The block count alone cannot tell: ext4 may keep an unwritten extent (reads as zeros,
+    reported as a hole, still counted in st_blocks) where a hole was punched; the slack
+    check on st_blocks above bounds the space that costs.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        size = os.fstat(fd).st_size
+        return size > 0 and os.lseek(fd, 0, os.SEEK_HOLE) < size
+    finally:
+        os.close(fd)
+
+
 def _first_content_diff(a: bytes, b: bytes) -> int | None:
     """Offset of the first differing byte of two equal-size files, or None."""
     off = 0
@@ -207,7 +222,7 @@ def _compare_entry(
                     f"sparseness lost: {p}: secondary uses {ss.st_blocks} blocks, "
                     f"primary {ps.st_blocks}"
                 )
-            elif _has_holes(ps) and not _has_holes(ss):
+            elif _has_holes(ps) and _seeks_holes(pa) and not _seeks_holes(sa):
                 diffs.append(f"sparseness lost: {p}: primary has holes, secondary has none")
     px, sx = xattrs(pa), xattrs(sa)
     if px != sx:
