@@ -132,18 +132,34 @@ class PrimaryTree:
 
     def open_handle(self, handle: bytes, want_gfid: bytes) -> int | None:
         """Read-only fd of the regular file with this kernel file handle if it is
-        ``want_gfid`` and still linked somewhere (open_by_handle_at: needs root)."""
+        ``want_gfid`` and still linked somewhere (open_by_handle_at: needs root).
+
+        Opened O_PATH first: only a regular file is then opened for reading (a fifo would
+        block the open, a device could act on it), through its /proc/self/fd link.
+        """
         try:
-            fd = fanotify.open_by_handle_at(self.root_fd, handle, os.O_RDONLY | os.O_NOATIME)
-        except PermissionError:
-            fd = fanotify.open_by_handle_at(self.root_fd, handle, os.O_RDONLY)
+            pfd = fanotify.open_by_handle_at(self.root_fd, handle, os.O_PATH)
         except OSError as e:
             if e.errno in (errno.ENOENT, errno.ESTALE, errno.ELOOP, errno.ENXIO):
                 return None
             raise
-        st = os.fstat(fd)
-        if (not stat.S_ISREG(st.st_mode) or st.st_nlink == 0
-                or gfids.read_gfid(fd, st.st_ino) != want_gfid):
+        try:
+            st = os.fstat(pfd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink == 0:
+                return None
+            flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC  # (the magic link is followed)
+            link = b"/proc/self/fd/%d" % pfd
+            try:
+                fd = os.open(link, flags | os.O_NOATIME)
+            except PermissionError:
+                fd = os.open(link, flags)
+        except FileNotFoundError:
+            return None
+        finally:
+            os.close(pfd)
+        st2 = os.fstat(fd)
+        if ((st2.st_dev, st2.st_ino) != (st.st_dev, st.st_ino)
+                or gfids.read_gfid(fd, st2.st_ino) != want_gfid):
             os.close(fd)
             return None
         return fd
