@@ -39,6 +39,8 @@ _FAN_MASK = (fan.FAN_CREATE | fan.FAN_DELETE | fan.FAN_MOVED_FROM | fan.FAN_MOVE
              | fan.FAN_DELETE_SELF | fan.FAN_MOVE_SELF | fan.FAN_ONDIR)
 _FAN_ENTRY = fan.FAN_CREATE | fan.FAN_DELETE | fan.FAN_MOVED_FROM | fan.FAN_MOVED_TO
 _FAN_DATA = fan.FAN_MODIFY | fan.FAN_CLOSE_WRITE
+#: inotify: how long a MOVED_FROM waits for its MOVED_TO across reads (seconds).
+MOVE_PAIR_WAIT = 0.02
 _IN_MASK = (ino.IN_CREATE | ino.IN_DELETE | ino.IN_MOVED_FROM | ino.IN_MOVED_TO | ino.IN_MODIFY
             | ino.IN_CLOSE_WRITE | ino.IN_ATTRIB | ino.IN_DELETE_SELF | ino.IN_MOVE_SELF
             | ino.IN_ONLYDIR | ino.IN_EXCL_UNLINK)  # no IN_DONT_FOLLOW: we watch /proc/self/fd/N
@@ -348,6 +350,8 @@ class _Inotify:
         self.sigs: collections.OrderedDict[tuple[int, int], tuple[object, ...]] = (
             collections.OrderedDict())
         self.moves: dict[int, tuple[_Watch, bytes, bool]] = {}
+        #: When each pending MOVED_FROM was read (its MOVED_TO may come in the next read).
+        self.move_at: dict[int, float] = {}
         self.fd = ino.init()
         self._watch_tree(b"", None, 0)
 
@@ -461,6 +465,7 @@ class _Inotify:
             out = True
             if m & ino.IN_MOVED_FROM:
                 self.moves[ev.cookie] = (w, ev.name, isdir)
+                self.move_at[ev.cookie] = time.monotonic()
             if m & ino.IN_MOVED_TO:
                 self._moved_to(ev, w, isdir, ts, emit)
             elif m & ino.IN_CREATE and isdir:
@@ -503,6 +508,7 @@ class _Inotify:
 
     def _moved_to(self, ev: ino.Event, w: _Watch, isdir: bool, ts: int, emit: Emit) -> None:
         src = self.moves.pop(ev.cookie, None)
+        self.move_at.pop(ev.cookie, None)
         new_rel = self._rel(w, ev.name)
         g = None
         dfd = self._dirfd(ev.wd)
@@ -528,14 +534,23 @@ class _Inotify:
                     watch.rel = new_rel + watch.rel[len(old_rel):]
 
     def _flush_moves(self, ts: int, emit: Emit) -> None:
-        """MOVED_FROM with no MOVED_TO once the queue is empty: moved out of the brick."""
-        for w, name, isdir in self.moves.values():
+        """MOVED_FROM with no MOVED_TO once the queue is empty: moved out of the brick.
+
+        The kernel queues a rename's two events one after the other, so a read may end
+        between them: a MOVED_FROM younger than MOVE_PAIR_WAIT waits for the next read.
+        (Its ``E`` record is already out; only the pairing and the watches wait.)
+        """
+        now = time.monotonic()
+        for cookie, (w, name, isdir) in list(self.moves.items()):
+            if now - self.move_at.get(cookie, 0.0) < MOVE_PAIR_WAIT:
+                continue
+            del self.moves[cookie]
+            self.move_at.pop(cookie, None)
             if isdir:
                 prefix = self._rel(w, name)
                 for wd, watch in list(self.watches.items()):
                     if watch.rel == prefix or watch.rel.startswith(prefix + b"/"):
                         ino.rm_watch(self.fd, wd)
-        self.moves.clear()
 
 
 class Recorder:
