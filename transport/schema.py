@@ -300,30 +300,27 @@ def boolean(v: Any) -> str | None:
     return None if type(v) is bool else f"must be a boolean, not {type(v).__name__}"
 
 
-def gfid_list(v: Any) -> str | None:
-    """Up to 100,000 gfids."""
-    if type(v) is not list:
-        return f"must be a list, not {type(v).__name__}"
-    if len(v) > MAX_OPS:
-        return f"holds {len(v)} gfids, more than {MAX_OPS}"
-    for index, g in enumerate(v):
-        why = gfid(g)
-        if why:
-            return f"item {index}: {why}"
-    return None
+def list_of(item: Check, noun: str) -> Check:
+    """A list of up to 100,000 values, each passing ``item``."""
+
+    def check(v: Any) -> str | None:
+        if type(v) is not list:
+            return f"must be a list, not {type(v).__name__}"
+        if len(v) > MAX_OPS:
+            return f"holds {len(v)} {noun}, more than {MAX_OPS}"
+        for index, x in enumerate(v):
+            why = item(x)
+            if why:
+                return f"item {index}: {why}"
+        return None
+
+    return check
 
 
-def name_list(v: Any) -> str | None:
-    """Up to 100,000 entry names (each a valid single path component)."""
-    if type(v) is not list:
-        return f"must be a list, not {type(v).__name__}"
-    if len(v) > MAX_OPS:
-        return f"holds {len(v)} names, more than {MAX_OPS}"
-    for index, n in enumerate(v):
-        why = name(n)
-        if why:
-            return f"item {index}: {why}"
-    return None
+#: Up to 100,000 gfids.
+gfid_list = list_of(gfid, "gfids")
+#: Up to 100,000 entry names (each a valid single path component).
+name_list = list_of(name, "names")
 
 
 def _sigs_extra(a: dict[str, Any]) -> str | None:
