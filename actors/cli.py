@@ -23,18 +23,14 @@ import subprocess
 import sys
 import threading
 from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
 
 import pykka
 
 from actors.engines import ENGINES, NATIVE, parse_rate
-from actors.ledger import Failure
-from actors.remote import ConnectError
-from actors.supervisor import Summary, Supervisor, SyncOptions
-from fsops.dirmap import make_private_dirs
-from fsops.primary import PrimaryError
-from fsops.recorder import RecorderError
-from fsops.safety import SafetyStop
-from transport.endpoint import EndpointError
+
+if TYPE_CHECKING:
+    from actors.supervisor import Summary
 
 EXIT_OK, EXIT_FAILURES, EXIT_ERROR = 0, 1, 2
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -69,6 +65,8 @@ def _print_summary(s: Summary) -> None:
 
 def _session_log(state: str) -> None:
     """Continuous mode also logs, one line per event, to the session's log file."""
+    from fsops.dirmap import make_private_dirs
+
     make_private_dirs(state)
     h = logging.handlers.WatchedFileHandler(os.path.join(state, "georep.log"))
     h.setFormatter(logging.Formatter(LOG_FORMAT))
@@ -79,6 +77,16 @@ def _session_log(state: str) -> None:
 
 
 def cmd_sync(a: argparse.Namespace) -> int:
+    # The primary's pipeline is imported here, not at the top: ``georep-node secondary``,
+    # started once per connection, then loads only the secondary host's modules.
+    from actors.ledger import Failure
+    from actors.remote import ConnectError
+    from actors.supervisor import Supervisor, SyncOptions
+    from fsops.primary import PrimaryError
+    from fsops.recorder import RecorderError
+    from fsops.safety import SafetyStop
+    from transport.endpoint import EndpointError
+
     opts = SyncOptions(primary=a.primary, secondary=a.secondary, jobs=a.jobs,
                        retries=a.retries, timeout=a.timeout, session=a.session,
                        ssh_command=a.ssh_command, remote_command=a.remote_command,
@@ -214,14 +222,32 @@ def _seconds(text: str) -> float:
     return v
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; its help texts are the reference of every option."""
+def _add_secondary(sub: Any) -> None:
+    h = sub.add_parser("secondary", help="serve as the secondary host on stdio (not for people)",
+                       description="Secondary host: speaks georep's protocol on stdin/stdout "
+                       "and writes only beneath --root.  Started by the primary.")
+    h.add_argument("--root", help="the secondary root directory")
+    h.add_argument("--restrict-root", metavar="PATH",
+                   help="serve only PATH, whatever root the client asks for (the forced "
+                   "command of an authorized_keys line; see ssh-key)")
+    h.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
+                   help="exit after this long without a request from the primary, which "
+                   "pings every 30 s when idle (default: %(default)s)")
+    h.set_defaults(func=cmd_secondary)
+
+
+def _top_parser() -> tuple[argparse.ArgumentParser, Any]:
     p = argparse.ArgumentParser(
         prog="georep-node",
         description="Continuous, asynchronous geo-replication of Linux directory trees.")
     p.add_argument("-v", "--verbose", action="count", default=0,
                    help="more log output on stderr (-v info, -vv debug)")
-    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    return p, p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; its help texts are the reference of every option."""
+    p, sub = _top_parser()
 
     s = sub.add_parser(
         "sync", help="replicate PRIMARY to SECONDARY",
@@ -311,17 +337,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "(default: %(default)s)")
     r.set_defaults(func=cmd_recorder)
 
-    h = sub.add_parser("secondary", help="serve as the secondary host on stdio (not for people)",
-                       description="Secondary host: speaks georep's protocol on stdin/stdout "
-                       "and writes only beneath --root.  Started by the primary.")
-    h.add_argument("--root", help="the secondary root directory")
-    h.add_argument("--restrict-root", metavar="PATH",
-                   help="serve only PATH, whatever root the client asks for (the forced "
-                   "command of an authorized_keys line; see ssh-key)")
-    h.add_argument("--timeout", type=float, default=120.0, metavar="SECONDS",
-                   help="exit after this long without a request from the primary, which "
-                   "pings every 30 s when idle (default: %(default)s)")
-    h.set_defaults(func=cmd_secondary)
+    _add_secondary(sub)
 
     k = sub.add_parser(
         "ssh-key", help="print an authorized_keys line restricted to one secondary root",
@@ -364,7 +380,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``georep-node``."""
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["secondary"]:
+        # Started by the primary for every connection: a parser of that one command
+        # spares it the operator commands' imports (same options, same help).
+        p, sub = _top_parser()
+        _add_secondary(sub)
+    else:
+        p = build_parser()
+    args = p.parse_args(argv)
     level = logging.WARNING - 10 * min(args.verbose, 2)
     logging.basicConfig(level=level, stream=sys.stderr, format=LOG_FORMAT)
     try:

@@ -80,6 +80,17 @@ def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:
         return None
 
 
+def _lstat_new(dir_fd: int, name: bytes) -> os.stat_result | None:
+    """:func:`_lstat` for a name that is usually absent (a create's target).
+
+    ``faccessat`` answers "absent" without Python building a FileNotFoundError, which
+    costs about 3.5 us on top of the syscall: on a first sync it runs once per entry.
+    """
+    if not os.access(name, os.F_OK, dir_fd=dir_fd, follow_symlinks=False):
+        return None
+    return _lstat(dir_fd, name)
+
+
 def _times(fd: int) -> Times:
     st = os.fstat(fd)
     return st.st_atime_ns, st.st_mtime_ns
@@ -435,7 +446,7 @@ class SecondaryFS:
         if data is not None and not isinstance(data, bytes):
             raise _err(errno.EINVAL, "data is not bytes")
         pfd = self._need_parent(pgfid, name)
-        st = _lstat(pfd, name)
+        st = _lstat_new(pfd, name)
         saved: Times | None = None
         replaced: bytes | None = None
         if st is not None:

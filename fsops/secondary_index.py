@@ -275,8 +275,13 @@ class GfidIndex:
         d = self.idx_dir(gfid)
         if d is None:
             return None
+        h = hexname(gfid)
+        # Usually absent on the create path: faccessat says so without Python building a
+        # FileNotFoundError (about 3.5 us each, once per entry of a first sync).
+        if not os.access(h, os.F_OK, dir_fd=d, follow_symlinks=False):
+            return None
         try:
-            return os.stat(hexname(gfid), dir_fd=d, follow_symlinks=False)
+            return os.stat(h, dir_fd=d, follow_symlinks=False)
         except FileNotFoundError:
             return None
 
