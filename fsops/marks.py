@@ -9,10 +9,12 @@ secondary has reported the work durable (see docs/durability.md).
 
 from __future__ import annotations
 
+import errno
 import struct
 
 from fsops import xattrs
 from fsops.constants import xattr_prefix
+from fsops.primary import PrimaryError
 
 _FMT = ">QQ"
 
@@ -30,6 +32,21 @@ def read_mark(root_fd: int, session: str, which: str) -> int | None:
     return sec * 1_000_000_000 + nsec
 
 
+class MarkError(PrimaryError):
+    """A mark cannot be stored on the primary root (one line for people)."""
+
+
 def write_mark(root_fd: int, session: str, which: str, ns: int) -> None:
-    """Store a mark (``which`` is ``entry_stime`` or ``stime``)."""
-    xattrs.set(root_fd, _name(session, which), struct.pack(_FMT, *divmod(ns, 1_000_000_000)))
+    """Store a mark (``which`` is ``entry_stime`` or ``stime``); MarkError if it cannot be."""
+    try:
+        xattrs.set(root_fd, _name(session, which),
+                   struct.pack(_FMT, *divmod(ns, 1_000_000_000)))
+    except OSError as e:
+        hint = ""
+        if e.errno in (errno.ENOSPC, errno.E2BIG):
+            # ext4 keeps a directory's xattrs in one block: about 30 sessions' marks.
+            hint = (" (the root's room for xattrs is full: every session keeps two marks "
+                    "there; remove the marks of sessions no longer used, "
+                    f"{_name('<session>', '*').decode()}, with setfattr -x)")
+        raise MarkError(f"cannot record the {which} mark of session {session} on the "
+                        f"primary root: {e.strerror}{hint}") from e

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -129,10 +130,21 @@ def test_a_stopped_batcher_returns_what_it_held(tmp_path: Path) -> None:
     try:
         ops = [{"op": "meta", "gfid": b"\x01" * 16, "meta": {}}]
         assert credits.acquire(1, timeout=0)
+        # The Batcher sends at once while nothing of its own is in flight: this batch is
+        # sent and held by the secondary ...
         ref.proxy().add(ops, [b"x"], [], None, (1, 0)).get(timeout=WAIT)
-        assert credits.ops == 1                   # queued in the Batcher, not sent
+        assert credits.ops == 1
+        # ... so the next add waits in the Batcher for a fuller batch.
+        assert credits.acquire(2, timeout=0)
+        ref.proxy().add(ops * 2, [b"y", b"z"], [], None, (2, 0)).get(timeout=WAIT)
+        assert credits.ops == 3
         ref.stop()
-        assert credits.ops == 0                   # a Crawler waiting on them goes on
+        assert credits.ops == 1                   # queued: given back, a Crawler goes on
+        sec.release.set()                         # sent: given back once answered
+        deadline = time.monotonic() + WAIT
+        while credits.ops and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert credits.ops == 0
     finally:
         sec.release.set()
         chan.close()
