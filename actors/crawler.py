@@ -50,6 +50,8 @@ log = logging.getLogger("georep.crawler")
 
 #: Listings requested ahead of the directory being crawled.
 PREFETCH = 16
+#: Ops per Batcher add of a large directory (the Batcher's batch size).
+ADD_SLICE = 1024
 #: Largest file content put inline in an op (the protocol's limit for ``data``).
 INLINE_HARD_MAX = 1 << 20
 
@@ -313,22 +315,52 @@ class Crawler(Inspectable, pykka.ThreadingActor):
                     self.objects.pop(e.gfid, None)
             self.ledger.count("scanned", len(entries))
             self.ledger.count("dirs_scanned")
-            self._read_inline(fd, sub.relpath, plan)
+            todos, listings = self._subdir_todos(plan)
+            self._send_plan(fd, sub, plan, listings)
         finally:
             os.close(fd)
-        ops = plan.ops
-        paths = [_join(sub.relpath, op.get("name", b"")) for op in ops]
-        if dir_meta_needed(d, sub.remote, plan):
-            ops.append({"op": "meta", "gfid": d.gfid, "meta": d.meta()})
-            paths.append(sub.relpath or b".")
-        todos, listings = self._subdir_todos(plan)
-        credit = self._take_credits(ops, plan.data)
-        self.batcher.add.defer(ops, paths, plan.data, listings, credit)
-        if self.descend == DESCEND_NEW and ops:
+        self.stack.extend(reversed(todos))
+
+    def _send_plan(self, fd: int, sub: SubDir, plan: Plan,
+                   listings: list[tuple[bytes, Future[Any]]]) -> None:
+        """Read the inline data of ``plan`` and hand its ops to the Batcher.
+
+        A large directory goes in slices of ``ADD_SLICE`` ops, each sent once its files
+        are read: the secondary starts on the first slice of a 5,000-file directory
+        while this side still reads the rest.  The directory's meta, the data jobs
+        without an ensure, and the listings that must follow its ops go with the last.
+        """
+        d = sub.entry
+        meta_needed = dir_meta_needed(d, sub.remote, plan)
+        n = len(plan.ops)
+        loose = [j for j in plan.data if j.ensure_index is None]
+        start = 0
+        while True:
+            end = min(start + ADD_SLICE, n)
+            last = end == n
+            part = Plan(ops=plan.ops[start:end],
+                        want_data=[i - start for i in plan.want_data if start <= i < end])
+            for job in plan.data:
+                if job.ensure_index is not None and start <= job.ensure_index < end:
+                    job.ensure_index -= start
+                    part.data.append(job)
+            self._read_inline(fd, sub.relpath, part)
+            ops = part.ops
+            paths = [_join(sub.relpath, op.get("name", b"")) for op in ops]
+            if last:
+                part.data.extend(loose)
+                if meta_needed:
+                    ops.append({"op": "meta", "gfid": d.gfid, "meta": d.meta()})
+                    paths.append(sub.relpath or b".")
+            credit = self._take_credits(ops, part.data)
+            self.batcher.add.defer(ops, paths, part.data, listings if last else None, credit)
+            if last:
+                break
+            start = end
+        if self.descend == DESCEND_NEW and (n or meta_needed):
             # Live: send this directory's ops now rather than after the whole re-check (a
             # renamed directory's new name shows before its contents are compared).
             self.batcher.flush.defer()
-        self.stack.extend(reversed(todos))
 
     def _excluded_fd(self, fd: int) -> bool:
         """True when the file's current path (as the kernel names it) is excluded; a

@@ -150,3 +150,31 @@ def test_small_sparse_files_keep_their_holes(tmp_path: Path) -> None:
     out = sync_once(p, s)
     assert out["transfer"]["bytes_sent"] <= 8192  # two 4 KiB data extents, never the holes
     assert compare_trees(p, s) == []
+
+
+def test_a_large_directory_goes_in_slices_and_arrives_whole(tmp_path: Path) -> None:
+    # 2,600 entries: three Crawler slices of at most 1,024 ops.  Files over the inline
+    # limit and small sparse files (which leave the inline path for a data job) sit in
+    # every slice, so each slice's data jobs must find their own ensure.
+    primary = tmp_path / "primary"
+    big = primary / "big"
+    big.mkdir(parents=True)
+    for i in range(2600):
+        p = big / f"f{i:05d}"
+        if i % 250 == 7:
+            p.write_bytes(os.urandom(100_000))
+        elif i % 250 == 11:
+            with open(p, "wb") as f:
+                f.truncate(48 * 1024)
+                f.seek(40 * 1024)
+                f.write(b"tail")
+        elif i % 500 == 13:
+            os.link(big / f"f{i - 6:05d}", p)
+        else:
+            p.write_bytes(b"%d\n" % i)
+    summary = sync_once(primary, tmp_path / "sec")
+    assert summary["ok"]
+    c = summary["counters"]
+    assert c["data_files"] >= 20, c      # 11 big + 11 sparse, through data jobs
+    assert c["batches"] >= 3, c
+    assert compare_trees(primary, tmp_path / "sec") == []
