@@ -55,7 +55,8 @@ from tests.support.sshd import REMOTE_COMMAND, SshServer, sshd_missing, start_ss
 from tests.support.treegen import make_tree
 
 TREE_TOOLS = ("georep", "rsync", "rsync-S")
-BIG_TOOLS = ("georep", "ssh-cat-null", "ssh-cat-file", "georep-rsync", "georep-tarssh")
+BIG_TOOLS = ("georep", "ssh-cat-null", "ssh-cat-file", "ssh-cat-sync", "disk-write",
+             "georep-rsync", "georep-tarssh")
 
 
 def georep_cmd(server: SshServer, src: Path, dst: Path, *extra: str,
@@ -160,9 +161,16 @@ def bench_big(ns: argparse.Namespace, server: SshServer, work: Path,
                 run = run_georep(tool, georep_cmd(server, src, dst, "--engine", engine))
                 if rep == 0:
                     verify(src, dst, f"{tool}: the big file")
+            elif tool == "disk-write":
+                # The secondary's disk alone: how fast 1 GiB is written *durably* there (georep
+                # syncs the secondary before it moves its marks; `cat > DEST` does not).
+                os.sync()
+                run = timed(tool, ["dd", f"if={big}", f"of={dst / 'big.bin'}", "bs=1M",
+                                   "conv=fdatasync", "status=none"])
             else:
-                remote = "cat > /dev/null" if tool == "ssh-cat-null" else \
-                    f"cat > {shlex.quote(str(dst / 'big.bin'))}"
+                dest = shlex.quote(str(dst / 'big.bin'))
+                remote = {"ssh-cat-null": "cat > /dev/null", "ssh-cat-file": f"cat > {dest}",
+                          "ssh-cat-sync": f"cat > {dest} && sync {dest}"}[tool]
                 os.sync()
                 run = timed(tool, cat_cmd(server, big, remote))
             runs[tool].append(run)
@@ -218,23 +226,27 @@ def render(result: dict[str, Any], tree: dict[str, list[Run]] | None,
                 ""]
     if big:
         size = result["big_bytes"]
-        ref = _med(big["ssh-cat-null"])
+        ref, durable = _med(big["ssh-cat-null"]), _med(big["ssh-cat-sync"])
         out += [f"**One {size >> 20} MiB file of random data** (not sparse), into an empty "
-                "remote directory (georep: whole command, start-up and commit included):",
+                "remote directory (georep: whole command, start-up and commit included; "
+                "like `sync DEST`, it returns only once the data is on the secondary's disk):",
                 "",
                 "| tool | n | wall | throughput | % of `cat \\| ssh 'cat > /dev/null'` |"
-                " CPU here |",
-                "|---|---:|---:|---:|---:|---:|"]
+                " % of `ssh 'cat > DEST && sync DEST'` | CPU here |",
+                "|---|---:|---:|---:|---:|---:|---:|"]
         names = {"georep": "georep --engine native", "georep-rsync": "georep --engine rsync",
                  "georep-tarssh": "georep --engine tarssh",
                  "ssh-cat-null": "`cat FILE \\| ssh HOST 'cat > /dev/null'`",
-                 "ssh-cat-file": "`cat FILE \\| ssh HOST 'cat > DEST'`"}
-        for tool in ("georep", "ssh-cat-null", "ssh-cat-file", "georep-rsync",
-                     "georep-tarssh"):
-            s = _med(big[tool])
+                 "ssh-cat-file": "`cat FILE \\| ssh HOST 'cat > DEST'`",
+                 "ssh-cat-sync": "`cat FILE \\| ssh HOST 'cat > DEST && sync DEST'`",
+                 "disk-write": "`dd if=FILE of=DEST bs=1M conv=fdatasync` (no ssh: the disk)"}
+        for tool in ("georep", "ssh-cat-null", "ssh-cat-file", "ssh-cat-sync", "disk-write",
+                     "georep-rsync", "georep-tarssh"):
+            s = _med(big.get(tool, []))
             pct = "-" if not s or not ref else f"{ref / s * 100:.0f} %"
-            out.append(f"| {names[tool]} | {len(big[tool])} | {fmt_s(s)} | {_mbs(size, s)} | "
-                       f"{pct} | {_cpu(big[tool]) or 0:.2f} s |")
+            dpct = "-" if not s or not durable else f"{durable / s * 100:.0f} %"
+            out.append(f"| {names[tool]} | {len(big.get(tool, []))} | {fmt_s(s)} | "
+                       f"{_mbs(size, s)} | {pct} | {dpct} | {_cpu(big.get(tool, [])) or 0:.2f} s |")
         out.append("")
     return "\n".join(out)
 
