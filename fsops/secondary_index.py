@@ -2,10 +2,12 @@
 
 Layout under ``<root>/.georep`` (see docs/protocol.md):
 
-- ``gfid/abc/<hex>`` (4,096 buckets): a hardlink for a non-directory; for a directory a
+- ``layout``: ``gfid-bucket-chars N``, how many hex digits name a bucket (2: 256
+  buckets; secondaries older than this file have 3: 4,096 buckets).
+- ``gfid/ab/<hex>``: a hardlink for a non-directory; for a directory a
   symlink whose target is ``<parent gfid hex>/<name>``. Those symlinks are data, never
   followed.
-- ``gfid/abc/ino-<dev>-<ino>`` (unprivileged only): a symlink whose target is the hex
+- ``gfid/ab/ino-<dev>-<ino>`` (unprivileged only): a symlink whose target is the hex
   gfid of the xattr-less object (symlink or special file, which cannot carry ``user.*``
   xattrs) with that inode, so listings can name it. Data, never followed; trusted only
   when the gfid's index entry is that very inode.
@@ -196,8 +198,45 @@ class FdCache:
             os.close(fd)
 
 
-#: Hex digits of a gfid that name its index bucket (16**3 = 4,096 buckets).
-BUCKET_CHARS = 3
+#: Hex digits of a gfid that name its index bucket in a new secondary (16**2 = 256
+#: buckets).  Secondaries made before the ``layout`` file existed use 3 (4,096 buckets)
+#: and keep them: the width is read from ``.georep/layout`` (see :func:`_bucket_chars`).
+BUCKET_CHARS = 2
+LEGACY_BUCKET_CHARS = 3
+LAYOUT = b"layout"
+_LAYOUT_FMT = b"gfid-bucket-chars %d\n"
+
+
+def _bucket_chars(meta_fd: int, gfid_fd: int) -> int:
+    """The index's bucket width: from ``layout``, else chosen now and recorded there.
+
+    No ``layout`` file: an empty index is new and gets :data:`BUCKET_CHARS`; one that
+    holds anything was made with 4,096 buckets (:data:`LEGACY_BUCKET_CHARS`).
+    """
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC  # never a fifo's open
+    try:
+        fd = os.open(LAYOUT, flags, dir_fd=meta_fd)
+    except FileNotFoundError:
+        with os.scandir(gfid_fd) as it:
+            chars = LEGACY_BUCKET_CHARS if next(it, None) is not None else BUCKET_CHARS
+        tmp = LAYOUT + b".tmp"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC,
+                     0o600, dir_fd=meta_fd)
+        try:
+            os.write(fd, _LAYOUT_FMT % chars)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.rename(tmp, LAYOUT, src_dir_fd=meta_fd, dst_dir_fd=meta_fd)
+        return chars
+    try:
+        raw = os.read(fd, 64)
+    finally:
+        os.close(fd)
+    for chars in (BUCKET_CHARS, LEGACY_BUCKET_CHARS):
+        if raw == _LAYOUT_FMT % chars:
+            return chars
+    raise OSError(errno.EINVAL, f"unknown index layout {raw[:40]!r} in {LAYOUT.decode()}")
 
 
 def _open_or_make_dir(name: bytes, dir_fd: int, create: bool) -> int:
@@ -226,6 +265,7 @@ class GfidIndex:
             if not stat.S_ISREG(ost.st_mode) or ost.st_nlink != 1:
                 # A hardlink would let us append to and truncate a file elsewhere.
                 raise OSError(errno.EPERM, f"{ORPHANS.decode()} is not a private regular file")
+            self.bucket_chars = _bucket_chars(self.meta_fd, self.gfid_fd)
         except OSError as e:
             self.close()
             raise SecondaryError(f"cannot set up {META_DIR.decode()}/: {e.strerror}") from None
@@ -251,13 +291,15 @@ class GfidIndex:
     # -- index entries -------------------------------------------------------------
 
     def idx_dir(self, gfid: bytes, *, create: bool = False) -> int | None:
-        """fd of the bucket ``gfid/abc`` holding the gfid's entry (made lazily when ``create``).
+        """fd of the bucket ``gfid/ab`` holding the gfid's entry (made lazily when ``create``).
 
-        One level of 4,096 buckets: a first sync creates at most 4,096 directories in
-        all (two levels of 256 made a new leaf directory for almost every object, the
-        most expensive syscall of the whole apply), and ext4/xfs index large directories.
+        One level of 256 buckets (4,096 in older secondaries): a first sync creates at
+        most 256 directories in all (two levels of 256 made a new leaf directory for
+        almost every object, the most expensive syscall of the whole apply; 4,096 buckets
+        still cost a `mkdir` per 5 files of a 20,000-entry first sync), and ext4 and xfs
+        index large directories (at 1,000,000 objects a bucket holds ~3,900 entries).
         """
-        key = hexname(gfid)[:BUCKET_CHARS]
+        key = hexname(gfid)[:self.bucket_chars]
         fd = self.bucket_cache.get(key)
         if fd is not None:
             return fd
@@ -403,7 +445,7 @@ class GfidIndex:
     # -- inode records of xattr-less objects (unprivileged only) --------------------
 
     def _ino_loc(self, st: os.stat_result, create: bool) -> tuple[int | None, bytes]:
-        key = b"%03x" % (st.st_ino & 0xFFF)
+        key = b"%0*x" % (self.bucket_chars, st.st_ino & ((1 << 4 * self.bucket_chars) - 1))
         name = b"ino-%x-%x" % (st.st_dev, st.st_ino)
         fd = self.bucket_cache.get(key)
         if fd is None:

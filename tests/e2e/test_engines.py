@@ -41,10 +41,10 @@ def _sync(primary: Path, secondary: str, *extra: str,
 
 def index_path(root: Path, obj: Path) -> Path:
     """The gfid index link of the secondary object ``obj``: ``<root>/.georep/gfid/`` then
-    ``ab/cd/<hex>`` (docs/protocol.md) or the one-level ``abc/<hex>`` buckets."""
+    ``ab/<hex>`` (docs/protocol.md) or an older secondary's ``abc/<hex>``."""
     h = os.getxattr(obj, GFID_XATTR, follow_symlinks=False)[:16].hex()
     base = root / ".georep" / "gfid"
-    for p in (base / h[0:2] / h[2:4] / h, base / h[0:3] / h):
+    for p in (base / h[0:2] / h, base / h[0:3] / h):
         if os.path.lexists(p):
             return p
     raise AssertionError(f"no index link for gfid {h} of {obj}")

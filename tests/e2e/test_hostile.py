@@ -31,7 +31,7 @@ import msgpack
 import pytest
 
 from fsops.constants import GFID_XATTR, LIMBO_GFID, ROOT_GFID
-from fsops.secondary_index import hexname
+from fsops.secondary_index import BUCKET_CHARS, hexname
 from transport import (
     MAGIC,
     Channel,
@@ -142,7 +142,7 @@ class Env:
 
     def index_path(self, gfid: bytes, root: Path | None = None) -> Path:
         h = hexname(gfid).decode()
-        return (root or self.root) / ".georep" / "gfid" / h[:3] / h
+        return (root or self.root) / ".georep" / "gfid" / h[:BUCKET_CHARS] / h
 
     def plant_index(self, gfid: bytes) -> Path:
         p = self.index_path(gfid)
@@ -430,8 +430,8 @@ def test_tampered_index_fanout_dir(env: Env) -> None:
     fake = _outside_fake_meta(env)
     h = env.start()
     A = G(0xAB)
-    # the index bucket of A (first three hex digits of the gfid) is a symlink to outside
-    os.symlink(str(fake / "gfid"), env.root / ".georep" / "gfid" / A.hex()[:3])
+    # the index bucket of A (first hex digits of the gfid) is a symlink to outside
+    os.symlink(str(fake / "gfid"), env.root / ".georep" / "gfid" / A.hex()[:BUCKET_CHARS])
     same_bucket = A[:2] + uuid.uuid4().bytes[2:]
     res = h.ops(ensure(R, b"a", A, "f", data=b"PWNED"), ensure(R, b"d", same_bucket, "d"),
                 meta_op(A, mode=0o777))

@@ -15,7 +15,7 @@ import pytest
 from fsops import xattrs
 from fsops.constants import GFID_XATTR, LIMBO_GFID, ROOT_GFID, is_root
 from fsops.secondary import NotFound, SecondaryError, SecondaryFS
-from fsops.secondary_index import hexname
+from fsops.secondary_index import BUCKET_CHARS, hexname
 
 R = ROOT_GFID
 T0 = 1_600_000_000_123_456_789
@@ -54,7 +54,7 @@ def gfid_of(path: Path) -> bytes | None:
 
 def index_path(root: Path, gfid: bytes) -> Path:
     h = hexname(gfid).decode()
-    return root / ".georep" / "gfid" / h[:3] / h
+    return root / ".georep" / "gfid" / h[:BUCKET_CHARS] / h
 
 
 def meta(mode=0o644, uid=0, gid=0, atime=T0, mtime=T1, **kw) -> dict:
@@ -81,6 +81,33 @@ def test_init_errors(tmp_path: Path) -> None:
     SecondaryFS(bytes(tmp_path / "s"), create=True).close()
     with SecondaryFS(bytes(tmp_path / "s")) as s:
         assert s.list_dir(R) == []
+
+
+def test_index_layout_is_recorded_and_older_secondaries_keep_theirs(tmp_path: Path) -> None:
+    g = bytes.fromhex("abcdef0123456789abcdef0123456789")
+    # A new secondary: 256 buckets, recorded in .georep/layout.
+    new = tmp_path / "new"
+    with SecondaryFS(bytes(new), create=True) as s:
+        ok(s.apply_ops([ensure(R, b"f", g, "f", data=b"x")]))
+    assert (new / ".georep" / "layout").read_bytes() == b"gfid-bucket-chars 2\n"
+    assert (new / ".georep" / "gfid" / "ab" / g.hex()).stat().st_ino == \
+        (new / "f").stat().st_ino
+    # An index made before the layout file (4,096 buckets of 3 hex digits) keeps them.
+    old = tmp_path / "old"
+    (old / ".georep" / "gfid" / "012").mkdir(parents=True)
+    with SecondaryFS(bytes(old), create=True) as s:
+        ok(s.apply_ops([ensure(R, b"f", g, "f", data=b"x")]))
+        assert s.list_dir(R)[0][:2] == [b"f", g]
+    assert (old / ".georep" / "layout").read_bytes() == b"gfid-bucket-chars 3\n"
+    assert (old / ".georep" / "gfid" / "abc" / g.hex()).exists()
+    # A layout that is not one of ours (or a fifo: never waited on) refuses the root.
+    (old / ".georep" / "layout").write_bytes(b"gfid-bucket-chars 9\n")
+    with pytest.raises(SecondaryError, match="unknown index layout"):
+        SecondaryFS(bytes(old))
+    (old / ".georep" / "layout").unlink()
+    os.mkfifo(old / ".georep" / "layout")
+    with pytest.raises(SecondaryError):
+        SecondaryFS(bytes(old))
 
 
 # -- creation of each type, with meta ---------------------------------------------------
