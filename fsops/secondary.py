@@ -80,6 +80,9 @@ def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:
         return None
 
 
+_NEW_FILE_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
 def _lstat_new(dir_fd: int, name: bytes) -> os.stat_result | None:
     """:func:`_lstat` for a name that is usually absent (a create's target).
 
@@ -446,6 +449,14 @@ class SecondaryFS:
         if data is not None and not isinstance(data, bytes):
             raise _err(errno.EINVAL, "data is not bytes")
         pfd = self._need_parent(pgfid, name)
+        if t == T_FILE and not self.index.has(gfid):
+            # A file whose identity the secondary does not know yet (every file of a first
+            # sync): create it straight away.  O_EXCL finds a taken name, which then goes
+            # the general way below; nothing was changed.
+            fd = self._open_new_file(pfd, name)
+            if fd is not None:
+                self._fill_new_file(fd, pfd, name, gfid, data, meta)
+                return "created"
         st = _lstat_new(pfd, name)
         saved: Times | None = None
         replaced: bytes | None = None
@@ -552,20 +563,8 @@ class SecondaryFS:
         (no name lookups): this is the hot path of a first sync.
         """
         if t == T_FILE:
-            fd = os.open(name, os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW
-                         | os.O_CLOEXEC, 0o600, dir_fd=pfd)
-            try:
-                xattrs.set(fd, GFID_XATTR, gfid)
-                # The inode number is only needed if the index entry is taken: read from
-                # the fd then (set_link), not by an fstat per created file.
-                self.index.set_link(gfid, pfd, name, None, fd=fd)
-                if data:
-                    # A new, empty file: writing the data gives it exactly its size.
-                    _pwrite_all(fd, data)
-                if meta:
-                    self.apply_meta_fd(fd, meta)
-            finally:
-                os.close(fd)
+            fd = os.open(name, _NEW_FILE_FLAGS, 0o600, dir_fd=pfd)
+            self._fill_new_file(fd, pfd, name, gfid, data, meta)
             return
         if t == T_DIR:
             os.mkdir(name, 0o700, dir_fd=pfd)
@@ -593,6 +592,30 @@ class SecondaryFS:
         self.index.set_link(gfid, pfd, name, st.st_ino)
         if meta:
             self._apply_meta_at(pfd, name, meta, t)
+
+    @staticmethod
+    def _open_new_file(pfd: int, name: bytes) -> int | None:
+        """fd of a new, empty file ``name``; None (nothing done) when the name is taken."""
+        try:
+            return os.open(name, _NEW_FILE_FLAGS, 0o600, dir_fd=pfd)
+        except FileExistsError:
+            return None
+
+    def _fill_new_file(self, fd: int, pfd: int, name: bytes, gfid: bytes,
+                       data: bytes | None, meta: Meta | None) -> None:
+        """gfid, index entry, content and meta of the file just created on ``fd``; closes it."""
+        try:
+            xattrs.set(fd, GFID_XATTR, gfid)
+            # The inode number is only needed if the index entry is taken: read from the
+            # fd then (set_link), not by an fstat per created file.
+            self.index.set_link(gfid, pfd, name, None, fd=fd)
+            if data:
+                # A new, empty file: writing the data gives it exactly its size.
+                _pwrite_all(fd, data)
+            if meta:
+                self.apply_meta_fd(fd, meta)
+        finally:
+            os.close(fd)
 
     def delete(self, pgfid: bytes, name: bytes, gfid: bytes) -> str:
         """Remove ``name`` if it holds ``gfid``: deleted / absent / other.

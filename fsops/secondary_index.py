@@ -312,6 +312,12 @@ class GfidIndex:
         self.bucket_cache.put(key, fd)
         return fd
 
+    def has(self, gfid: bytes) -> bool:
+        """Whether the gfid has an index entry (one ``faccessat``; a stale one counts)."""
+        d = self.idx_dir(gfid)
+        return d is not None and os.access(hexname(gfid), os.F_OK, dir_fd=d,
+                                           follow_symlinks=False)
+
     def lstat(self, gfid: bytes) -> os.stat_result | None:
         """lstat of the gfid's index entry, None when absent."""
         d = self.idx_dir(gfid)
