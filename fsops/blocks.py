@@ -9,7 +9,6 @@ functions below, on a file descriptor its caller opened by gfid.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import errno
 import functools
 import os
@@ -33,7 +32,9 @@ _READ_CHUNK = 1 << 20
 #: Bytes of zeros written per call by the punch_hole fallback.
 _ZERO_CHUNK = 1 << 20
 
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+# The process's own C library (as fsops.resolve does): find_library("c") would run
+# `ldconfig -p` in a subprocess at every start of georep-node, primary and secondary.
+_libc = ctypes.CDLL(None, use_errno=True)
 _fallocate = _libc.fallocate64 if hasattr(_libc, "fallocate64") else _libc.fallocate
 _fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_longlong, ctypes.c_longlong]
 _fallocate.restype = ctypes.c_int
