@@ -41,7 +41,7 @@ from typing import Any, BinaryIO, cast
 import psutil
 
 from actors.inspect import live_actors, snapshot_actors
-from transport.framing import FrameReader, encode_frame
+from transport.framing import FrameReader, encode_message
 from transport.schema import Shape, str_len
 
 log = logging.getLogger("georep.control")
@@ -201,7 +201,7 @@ def connect(path: str, timeout: float = 5.0) -> socket.socket:
 
 
 def _send(sock: socket.socket, body: dict[str, Any]) -> None:
-    sock.sendall(b"".join(bytes(p) for p in encode_frame(body)))
+    sock.sendall(encode_message(body))
 
 
 class ControlClient:

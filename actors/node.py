@@ -45,7 +45,7 @@ from actors.session import (
     state_root,
     write_atomic,
 )
-from transport.framing import FrameReader, encode_frame
+from transport.framing import FrameReader, encode_message
 
 log = logging.getLogger("georep.node")
 
@@ -68,7 +68,7 @@ def request(root: str, body: dict[str, Any], timeout: float = 60.0) -> dict[str,
         s.settimeout(timeout)
         try:
             s.connect(path)
-            s.sendall(b"".join(bytes(p) for p in encode_frame(body)))
+            s.sendall(encode_message(body))
             with s.makefile("rb") as f:
                 got = FrameReader(f).read()
         except OSError as e:
@@ -419,7 +419,7 @@ class Node:
             except Exception as e:
                 reply = {"ok": False, "error": f"{type(e).__name__}: {e}"}
             with contextlib.suppress(OSError):
-                conn.sendall(b"".join(bytes(p) for p in encode_frame(reply)))
+                conn.sendall(encode_message(reply))
 
     def _dispatch(self, req: dict[Any, Any]) -> dict[str, Any]:
         op = req.get("op")

@@ -35,7 +35,7 @@ from actors.ledger import Ledger
 from actors.reconcile import DataJob
 from fsops.primary import PrimaryTree
 from fsops.transfer import FileChanged, TransferStats, push_file
-from transport import Channel
+from transport import Channel, FileRange
 
 log = logging.getLogger("georep.syncer")
 
@@ -121,7 +121,7 @@ class Syncer(Inspectable, pykka.ThreadingActor):
                 meta = e.meta()
                 meta["mtime"], meta["atime"] = st.st_mtime_ns, st.st_atime_ns
                 push_file(self._rpc, e.gfid, fd, meta=meta, remote_size=remote_size,
-                          stats=self.tstats, timeout=self.timeout)
+                          stats=self.tstats, timeout=self.timeout, file_range=FileRange)
                 self.ledger.count("data_files")
                 return
             except FileChanged:

@@ -14,11 +14,15 @@ import os
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fsops.blocks import DEFAULT_BLOCK, SIG_SIZE, block_sigs, data_extents, zero_sig
 
 #: ``rpc(method, args, payload)`` -> Future of the reply's result (exception on an error reply).
-Rpc = Callable[[str, dict, bytes | None], concurrent.futures.Future]
+Rpc = Callable[[str, dict, Any], concurrent.futures.Future]
+#: ``file_range(fd, offset, length)`` -> a payload standing for those bytes of the file,
+#: which the rpc's transport reads itself (transport.FileRange: spliced into the pipe).
+FileRangeOf = Callable[[int, int, int], Any]
 
 #: Outstanding data_write/data_hole requests before waiting for the oldest reply.
 MAX_OUTSTANDING = 16
@@ -49,9 +53,11 @@ class _Sender:
     """Pipelined writes/holes for one file with a bound on outstanding requests."""
 
     def __init__(
-        self, rpc: Rpc, gfid: bytes, fd: int, stats: TransferStats, max_write: int, timeout: float
+        self, rpc: Rpc, gfid: bytes, fd: int, stats: TransferStats, max_write: int, timeout: float,
+        file_range: FileRangeOf | None = None,
     ) -> None:
         self.rpc = rpc
+        self.file_range = file_range
         self.gfid = gfid
         self.fd = fd
         self.stats = stats
@@ -88,6 +94,17 @@ class _Sender:
         self.stats.holes_punched += 1
 
     def _send_data(self, offset: int, end: int) -> None:
+        if self.file_range is not None:
+            # The transport reads the bytes itself, as it writes the frame (a file that
+            # shrank meanwhile is padded, and caught by the FileChanged check).
+            while offset < end:
+                n = min(self.max_write, end - offset)
+                self._submit("data_write", {"gfid": self.gfid, "offset": offset},
+                             self.file_range(self.fd, offset, n))
+                self.stats.writes += 1
+                self.stats.bytes_sent += n
+                offset += n
+            return
         while offset < end:
             data = os.pread(self.fd, min(self.max_write, end - offset), offset)
             if not data:
@@ -178,6 +195,7 @@ def push_file(
     ahead: int = 64 << 20,
     max_write: int = 1 << 20,
     timeout: float = 300,
+    file_range: FileRangeOf | None = None,
 ) -> None:
     """Make the secondary file ``gfid`` equal to the primary file open on ``fd``, then finish it.
 
@@ -194,7 +212,7 @@ def push_file(
         raise ValueError("block and max_write must be positive")
     st0 = os.fstat(fd)
     size = st0.st_size
-    sender = _Sender(rpc, gfid, fd, stats, max_write, timeout)
+    sender = _Sender(rpc, gfid, fd, stats, max_write, timeout, file_range)
     sender.size = size
     if not remote_size:
         for off, length in data_extents(fd, size):

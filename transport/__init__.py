@@ -31,7 +31,15 @@ from .errors import (
     error_to_wire,
     register,
 )
-from .framing import MAX_BODY, MAX_DEPTH, MAX_PAYLOAD, FrameReader, encode_frame, write_frame
+from .framing import (
+    MAX_BODY,
+    MAX_DEPTH,
+    MAX_PAYLOAD,
+    FileRange,
+    FrameReader,
+    encode_frame,
+    write_frame,
+)
 from .schema import METHODS, OPS, PAYLOAD_METHODS, check_op, validate_request
 
 __all__ = [
@@ -40,6 +48,7 @@ __all__ = [
     "ConnectionLost", "HandshakeError", "LockedError", "NotFound", "ProtocolError",
     "RemoteError", "SchemaError", "SecondaryError", "error_from_wire", "error_to_wire",
     "register",
-    "MAX_BODY", "MAX_DEPTH", "MAX_PAYLOAD", "FrameReader", "encode_frame", "write_frame",
+    "MAX_BODY", "MAX_DEPTH", "MAX_PAYLOAD", "FileRange", "FrameReader", "encode_frame",
+    "write_frame",
     "METHODS", "OPS", "PAYLOAD_METHODS", "check_op", "validate_request",
 ]

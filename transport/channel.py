@@ -33,7 +33,7 @@ from .errors import (
     error_from_wire,
     error_to_wire,
 )
-from .framing import MAX_BODY, MAX_PAYLOAD, Buffer, FrameReader, encode_frame, write_frame
+from .framing import MAX_BODY, MAX_PAYLOAD, FrameReader, Payload, encode_frame, write_frame
 from .schema import validate_request
 
 log = logging.getLogger(__name__)
@@ -167,7 +167,7 @@ class Channel:
 
     # -- calls -------------------------------------------------------------------------------
 
-    def call_async(self, method: str, args: dict[str, Any], payload: Buffer | None = None, *,
+    def call_async(self, method: str, args: dict[str, Any], payload: Payload | None = None, *,
                    timeout: float | None = None) -> concurrent.futures.Future[Any]:
         """Send one request now and return a future for its result.
 
@@ -204,7 +204,7 @@ class Channel:
         return fut
 
     def call(self, method: str, args: dict[str, Any] | None = None,
-             payload: Buffer | None = None, *, timeout: float | None = 60.0) -> Any:
+             payload: Payload | None = None, *, timeout: float | None = 60.0) -> Any:
         """Call ``method`` and wait for its result (re-raising the rebuilt remote error)."""
         fut = self.call_async(method, args or {}, payload, timeout=timeout)
         try:

@@ -7,6 +7,8 @@ stream cannot make us allocate or wait for gigabytes; every violation is a
 
 from __future__ import annotations
 
+import errno
+import os
 import struct
 from typing import Any, BinaryIO, Protocol
 
@@ -23,12 +25,35 @@ MAX_DEPTH = 16
 Buffer = bytes | bytearray | memoryview
 
 
+class FileRange:
+    """A payload that is ``length`` bytes of the open file ``fd`` from ``offset``.
+
+    :func:`write_frame` moves it with ``splice(2)`` (page cache to pipe, no copy through
+    Python) when the writer is a pipe, and by ``pread`` otherwise.  A file that is
+    shorter than the range by then is padded with zeros, so the frame stays whole; the
+    sender notices the change (size, mtime, ctime) and does not finish that file.
+    """
+
+    __slots__ = ("fd", "length", "offset")
+
+    def __init__(self, fd: int, offset: int, length: int) -> None:
+        if offset < 0 or length < 0:
+            raise ValueError("a file range needs a non-negative offset and length")
+        self.fd, self.offset, self.length = fd, offset, length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+Payload = Buffer | FileRange
+
+
 class Readable(Protocol):
     def read(self, size: int = ..., /) -> bytes | None: ...
 
 
-def encode_frame(body: dict[str, Any], payload: Buffer | None = None, *,
-                 max_body: int = MAX_BODY, max_payload: int = MAX_PAYLOAD) -> list[Buffer]:
+def encode_frame(body: dict[str, Any], payload: Payload | None = None, *,
+                 max_body: int = MAX_BODY, max_payload: int = MAX_PAYLOAD) -> list[Payload]:
     """Pack one frame as a list of buffers for a single ``writelines``/``os.writev``.
 
     The payload is passed through uncopied. Raises ProtocolError (nothing has been written)
@@ -38,7 +63,8 @@ def encode_frame(body: dict[str, Any], payload: Buffer | None = None, *,
     packed = msgpack.packb(body, use_bin_type=True)
     if len(packed) > max_body:
         raise ProtocolError(f"frame body of {len(packed)} bytes exceeds the limit of {max_body}")
-    plen = 0 if payload is None else memoryview(payload).nbytes
+    plen = (0 if payload is None else payload.length if isinstance(payload, FileRange)
+            else memoryview(payload).nbytes)
     if plen > max_payload:
         raise ProtocolError(f"frame payload of {plen} bytes exceeds the limit of {max_payload}")
     head = HEADER.pack(FRAME_MAGIC, 0, len(packed), plen) + packed
@@ -48,19 +74,67 @@ def encode_frame(body: dict[str, Any], payload: Buffer | None = None, *,
     return [head, payload]
 
 
-def write_frame(writer: BinaryIO, parts: list[Buffer]) -> int:
+def encode_message(body: dict[str, Any], *, max_body: int = MAX_BODY) -> bytes:
+    """One frame without a payload, as bytes (the control sockets' messages)."""
+    head = encode_frame(body, max_body=max_body)[0]
+    assert isinstance(head, bytes)
+    return head
+
+
+def write_frame(writer: BinaryIO, parts: list[Payload]) -> int:
     """Write all of ``parts`` (raw files may write partially) and flush; return bytes written."""
     total = 0
     for part in parts:
-        view = memoryview(part).cast("B")
-        while view:
-            n = writer.write(view)
-            if n is None:  # non-blocking raw file with a full pipe: not supported
-                raise BlockingIOError("writer would block")
-            view = view[n:]
-            total += n
+        if isinstance(part, FileRange):
+            writer.flush()
+            total += _write_range(writer, part)
+            continue
+        total += _write_all(writer, memoryview(part).cast("B"))
     writer.flush()
     return total
+
+
+def _write_all(writer: BinaryIO, view: memoryview) -> int:
+    total = 0
+    while view:
+        n = writer.write(view)
+        if n is None:  # non-blocking raw file with a full pipe: not supported
+            raise BlockingIOError("writer would block")
+        view = view[n:]
+        total += n
+    return total
+
+
+def _write_range(writer: BinaryIO, r: FileRange) -> int:
+    off, left = r.offset, r.length
+    try:
+        out: int | None = writer.fileno()
+    except (AttributeError, OSError):  # io.UnsupportedOperation is an OSError
+        out = None
+    while left and out is not None:
+        try:
+            n = os.splice(r.fd, out, left, offset_src=off)
+        except OSError as e:
+            if e.errno not in (errno.EINVAL, errno.ENOSYS):
+                raise
+            out = None  # not a pipe (or no splice for this file): copy through Python
+            break
+        if n == 0:
+            break  # the file is shorter now
+        off += n
+        left -= n
+    while left:
+        data = os.pread(r.fd, min(left, 1 << 20), off) if out is None else b""
+        if not data:
+            break
+        _write_all(writer, memoryview(data))
+        off += len(data)
+        left -= len(data)
+    while left:  # keep the frame whole: zeros for what the file no longer has
+        n = min(left, 1 << 20)
+        _write_all(writer, memoryview(bytes(n)))
+        left -= n
+    return r.length
 
 
 def check_depth(obj: Any, max_depth: int = MAX_DEPTH) -> None:
