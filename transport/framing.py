@@ -123,10 +123,10 @@ def _write_range(writer: BinaryIO, r: FileRange) -> int:
             break  # the file is shorter now
         off += n
         left -= n
-    while left:
-        data = os.pread(r.fd, min(left, 1 << 20), off) if out is None else b""
+    while left and out is None:
+        data = os.pread(r.fd, min(left, 1 << 20), off)
         if not data:
-            break
+            break  # the file is shorter now
         _write_all(writer, memoryview(data))
         off += len(data)
         left -= len(data)
