@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -92,12 +93,24 @@ class HeldSecondary:
         raise AssertionError(f"unexpected {method}")
 
 
-def test_batcher_gives_credits_back_only_when_the_batch_is_answered(tmp_path: Path) -> None:
+@pytest.fixture
+def held() -> Iterator[tuple[HeldSecondary, Any]]:
+    """A channel to a secondary that holds every ``ops`` reply until ``release`` is set."""
     pipes = Pipes()
     sec = HeldSecondary()
     pipes.run_server(lambda: serve(pipes.server_in, pipes.server_out, sec))
     chan = pipes.channel(name="held")
     chan.handshake(WAIT)
+    try:
+        yield sec, chan
+    finally:
+        sec.release.set()
+        chan.close()
+
+
+def test_batcher_gives_credits_back_only_when_the_batch_is_answered(
+        held: tuple[HeldSecondary, Any]) -> None:
+    sec, chan = held
     credits = Credits(max_ops=100)
     ledger = Ledger(None)
     batcher = Batcher.start(chan, ledger, [], credits, max_ops=50).proxy()
@@ -116,15 +129,10 @@ def test_batcher_gives_credits_back_only_when_the_batch_is_answered(tmp_path: Pa
     finally:
         sec.release.set()
         batcher.actor_ref.stop()
-        chan.close()
 
 
-def test_a_stopped_batcher_returns_what_it_held(tmp_path: Path) -> None:
-    pipes = Pipes()
-    sec = HeldSecondary()
-    pipes.run_server(lambda: serve(pipes.server_in, pipes.server_out, sec))
-    chan = pipes.channel(name="held")
-    chan.handshake(WAIT)
+def test_a_stopped_batcher_returns_what_it_held(held: tuple[HeldSecondary, Any]) -> None:
+    sec, chan = held
     credits = Credits(max_ops=100)
     ref = Batcher.start(chan, Ledger(None), [], credits, max_ops=1000)
     try:
@@ -147,7 +155,6 @@ def test_a_stopped_batcher_returns_what_it_held(tmp_path: Path) -> None:
         assert credits.ops == 0
     finally:
         sec.release.set()
-        chan.close()
 
 
 # -- a whole sync stays under the budget ----------------------------------------------------
