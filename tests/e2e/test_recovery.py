@@ -172,9 +172,14 @@ def kill_trials(tmp_path: Path, pick_victim: Any, secondary_spec: str | None = N
     # The kill lands within the time the last uninterrupted run took (the first run is a
     # full sync; later ones are incremental and short): a delay past the end of the run
     # would kill nothing and test nothing.
-    run_time = max(2.0, ENTRIES / 1000)
-    kills = 0
-    for n in range(TRIALS):
+    run_time = max(1.0, ENTRIES / 2000)
+    kills, needed = 0, max(1, TRIALS // 3)
+    # A run that ended before its kill still counts as a trial (it must converge too), but
+    # runs keep getting faster; when too few kills landed, more trials follow (each with a
+    # shorter window, as run_time is the last uninterrupted run's), up to 3x TRIALS.
+    n = -1
+    while len(trials) < TRIALS or (kills < needed and len(trials) < 3 * TRIALS):
+        n += 1
         change_some(primary, rng, f"t{n}")
         changed = time.time_ns()
         time.sleep(0.01)
@@ -184,7 +189,9 @@ def kill_trials(tmp_path: Path, pick_victim: Any, secondary_spec: str | None = N
                 wait_for(lambda p=proc: p.poll() is not None or ready(secondary), 60,  # type: ignore[misc]
                          "the run to connect", interval=0.01)
             started = time.monotonic()
-            t = Trial(n, rng.uniform(0.05, 0.6 * run_time))
+            # From the start of the process, a kill in the first 50 ms finds nothing
+            # started; from a connected run, any moment is a moment of the run.
+            t = Trial(n, rng.uniform(0.0 if ready else 0.05, 0.6 * run_time))
             deadline = time.monotonic() + t.delay
             while time.monotonic() < deadline and proc.poll() is None:
                 time.sleep(0.01)
@@ -223,13 +230,13 @@ def kill_trials(tmp_path: Path, pick_victim: Any, secondary_spec: str | None = N
     print("\n" + "\n".join(t.line() for t in trials))
     # Trials must really kill something mid-run, or this test proves nothing (run times
     # vary, so a kill may still come late; a third of the trials, and at least one).
-    assert kills >= max(1, TRIALS // 3), f"only {kills} of {TRIALS} trials killed a process"
+    assert kills >= needed, f"only {kills} of {len(trials)} trials killed a process"
     return trials
 
 
 def test_sigkill_of_sync_once_at_random_moments(tmp_path: Path) -> None:
     trials = kill_trials(tmp_path, lambda proc: psutil.Process(proc.pid))
-    assert len(trials) == TRIALS
+    assert len(trials) >= TRIALS
 
 
 def _secondary_host(proc: subprocess.Popen[str]) -> psutil.Process | None:
@@ -244,8 +251,10 @@ def _secondary_host(proc: subprocess.Popen[str]) -> psutil.Process | None:
 
 
 def test_sigkill_of_secondary_host_at_random_moments(tmp_path: Path) -> None:
-    trials = kill_trials(tmp_path, _secondary_host)
-    assert len(trials) == TRIALS
+    """The secondary host dies mid-run; the moment is drawn from when the host holds the
+    session lock (before that there is no host to kill)."""
+    trials = kill_trials(tmp_path, _secondary_host, ready=_NewHost())
+    assert len(trials) >= TRIALS
 
 
 def _ssh_client(proc: subprocess.Popen[str]) -> psutil.Process | None:
@@ -288,7 +297,7 @@ def test_sigkill_of_ssh_at_random_moments(tmp_path: Path, sshd: SshServer) -> No
     trials = kill_trials(tmp_path, _ssh_client, spec,
                          ("--ssh-command", sshd.ssh_command(), "--remote-command", REMOTE_COMMAND),
                          ready=_NewHost())
-    assert len(trials) == TRIALS
+    assert len(trials) >= TRIALS
     for t in trials:
         if t.exit == 2 and t.killed and "before the handshake" in t.why:
             # Killed before the first handshake: a connection that never came up is an

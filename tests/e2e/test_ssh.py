@@ -227,7 +227,10 @@ def test_reconnect_after_ssh_is_killed(sshd: SshServer, tree: Path, tmp_path: Pa
     secondary = tmp_path / "s"
     sync = subprocess.Popen(
         [*GEOREP, "sync", str(tree), scp_spec(sshd, secondary), "--once", "--json",
-         "--ssh-command", sshd.ssh_command(), "--remote-command", REMOTE_COMMAND],
+         "--ssh-command", sshd.ssh_command(), "--remote-command", REMOTE_COMMAND,
+         # ~46 MB at 16 MiB/s: the run lasts seconds, so the kill lands mid-run however
+         # fast the machine (or georep) is.
+         "--bwlimit", "16M"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:
         ssh = wait_for(lambda: _ssh_child(sync.pid), 60, "the ssh child of the sync")
