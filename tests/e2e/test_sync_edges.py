@@ -12,6 +12,7 @@ import pytest
 
 from tests.e2e.helpers import georep, sync_once
 from tests.support.compare import compare_trees
+from tests.support.pagecache import resident_bytes
 from tests.support.treegen import make_tree
 
 pytestmark = pytest.mark.timeout(600)
@@ -178,3 +179,19 @@ def test_a_large_directory_goes_in_slices_and_arrives_whole(tmp_path: Path) -> N
     assert c["data_files"] >= 20, c      # 11 big + 11 sparse, through data jobs
     assert c["batches"] >= 3, c
     assert compare_trees(primary, tmp_path / "sec") == []
+
+
+def test_big_file_data_goes_around_the_secondarys_page_cache(tmp_path: Path) -> None:
+    """A big file's data is written with O_DIRECT on the secondary: its copy is whole and
+    correct, and (almost) none of it sits in the secondary's page cache afterwards, so
+    storing it cost no copy into the cache."""
+    primary, secondary = tmp_path / "p", tmp_path / "s"
+    primary.mkdir()
+    data = os.urandom(24 << 20) + b"tail not a whole page"
+    (primary / "big").write_bytes(data)
+    summary = sync_once(primary, secondary)
+    assert summary["ok"]
+    # Only the unaligned tail's page (and whatever the file system caches for itself)
+    assert resident_bytes(secondary / "big") <= 64 << 10
+    assert (secondary / "big").read_bytes() == data
+    assert compare_trees(primary, secondary) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import os
 from pathlib import Path
@@ -26,6 +27,7 @@ from fsops.blocks import (
     syncfs,
     zero_sig,
 )
+from tests.support.pagecache import resident_bytes
 
 MiB = 1 << 20
 
@@ -231,3 +233,105 @@ def test_block_sigs_property(
         assert block_sigs(fd, offset, length, block) == _ref_sigs(data, offset, length, block)
     finally:
         os.close(fd)
+
+
+# -- large writes around the page cache (O_DIRECT) --------------------------------------------
+
+
+@pytest.mark.parametrize(("offset", "length", "buffer_size"), [
+    (0, 4 * MiB, 8 * MiB),                 # aligned, one buffer
+    (1000, 3 * MiB + 123, 8 * MiB),        # unaligned head and tail
+    (4096 * 7, 2 * MiB + 4096, 64 << 10),  # many buffer-fulls
+    (5, 1 * MiB + 8191, 1 * MiB),          # aligned middle just at DIRECT_MIN
+])
+def test_large_write_goes_around_the_page_cache(tmp_path: Path, offset: int, length: int,
+                                               buffer_size: int) -> None:
+    f = tmp_path / "dst"
+    data = os.urandom(length)
+    w = blocks.DirectWriter(buffer_size)
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        os.pwrite(fd, b"keep", 0)  # buffered data before the range survives
+        fl = fcntl.fcntl(fd, fcntl.F_GETFL)
+        assert w.write(fd, offset, memoryview(data)) == length
+        assert fcntl.fcntl(fd, fcntl.F_GETFL) == fl  # O_DIRECT only for the call
+    finally:
+        os.close(fd)
+    middle = (offset + length) // 4096 * 4096 - -(-offset // 4096) * 4096
+    assert w.direct_bytes == middle
+    # Only the buffered head, tail and the 4 bytes before can be cached (a page each).
+    assert resident_bytes(f) <= 3 * 4096
+    got = f.read_bytes()
+    assert got[offset:] == data and len(got) == offset + length
+    assert got[:4] == (b"keep" if offset >= 4 else b"keep"[:offset] + data[: 4 - offset])
+
+
+def test_write_below_the_threshold_stays_buffered(tmp_path: Path) -> None:
+    f = tmp_path / "dst"
+    data = os.urandom(blocks.DIRECT_MIN - 4096)
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert handle_write(fd, 0, data) == len(data)
+    finally:
+        os.close(fd)
+    assert resident_bytes(f) == len(data)
+    assert f.read_bytes() == data
+
+
+def test_handle_write_of_a_large_payload_is_direct(tmp_path: Path) -> None:
+    f = tmp_path / "dst"
+    data = os.urandom(3 * MiB)
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        before = blocks._direct_writer().direct_bytes
+        assert handle_write(fd, 0, data) == len(data)
+        assert blocks._direct_writer().direct_bytes - before == len(data)
+        # Cached pages of the range (an earlier buffered write) are not left stale.
+        handle_write(fd, MiB, b"x" * 4096)
+        assert handle_write(fd, 0, data) == len(data)
+    finally:
+        os.close(fd)
+    assert f.read_bytes() == data
+
+
+def test_direct_writes_off_by_environment(tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GEOREP_DIRECT_WRITES", "0")
+    w = blocks.DirectWriter()
+    f = tmp_path / "dst"
+    data = os.urandom(2 * MiB)
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert w.write(fd, 0, memoryview(data)) == len(data)
+    finally:
+        os.close(fd)
+    assert w.direct_bytes == 0 and resident_bytes(f) == len(data)
+    assert f.read_bytes() == data
+
+
+def test_file_system_refusing_o_direct_gets_buffered_writes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where ``fcntl(F_SETFL, O_DIRECT)`` fails with EINVAL (file systems without direct
+    I/O), the write is buffered and the device is not asked again."""
+    real = fcntl.fcntl
+    asked: list[int] = []
+
+    def refusing(fd: int, cmd: int, arg: int = 0) -> int:
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            asked.append(fd)
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, cmd, arg)
+
+    monkeypatch.setattr(blocks.fcntl, "fcntl", refusing)
+    w = blocks.DirectWriter()
+    f = tmp_path / "dst"
+    data = os.urandom(2 * MiB + 100)
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert w.write(fd, 100, memoryview(data)) == len(data)
+        assert w.write(fd, 100, memoryview(data)) == len(data)
+        assert w.refused == {os.fstat(fd).st_dev}
+    finally:
+        os.close(fd)
+    assert len(asked) == 1 and w.direct_bytes == 0
+    assert f.read_bytes() == bytes(100) + data
