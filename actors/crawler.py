@@ -287,6 +287,21 @@ class Crawler(Inspectable, pykka.ThreadingActor):
             return []  # not on the secondary (its ensure failed): the failure is in the ledger
         return [Remote.from_row(r) for r in reply["entries"]]
 
+    def _listing_or_failure(self, todo: _Todo) -> list[Remote] | None:
+        """The secondary's listing of ``todo``, or None after recording why it has none.
+
+        A directory the secondary cannot list (EIO, EACCES: its file system's trouble, sent
+        back as OSError) is a failure of that directory, retried like any other, and its
+        subtree waits: planning without the listing would miss deletions and renames.
+        """
+        try:
+            return self._listing(todo)
+        except OSError as e:
+            d = todo.sub.entry
+            self.ledger.fail("entry", "list", todo.sub.relpath or b".", d.gfid, e.errno,
+                             f"secondary cannot list it: {e.strerror or e}", pgfid=d.gfid)
+            return None
+
     def _crawl(self, todo: _Todo) -> None:
         sub = todo.sub
         d = sub.entry
@@ -304,7 +319,9 @@ class Crawler(Inspectable, pykka.ThreadingActor):
             for name, reason in problems:
                 self.ledger.fail("entry", "scan", _join(sub.relpath, name), None, None, reason,
                                  pgfid=d.gfid)
-            remote = self._listing(todo)
+            remote = self._listing_or_failure(todo)
+            if remote is None:
+                return
             plan = plan_dir(d.gfid, sub.relpath, entries, remote, self.seen,
                             force_data=self.force_data, rules=self.rules)
             if self.dirmap is not None:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fsops.constants import GFID_XATTR
 from tests.e2e.helpers import georep, sync_once
 from tests.support.compare import compare_trees
 from tests.support.pagecache import resident_bytes
@@ -195,3 +196,33 @@ def test_big_file_data_goes_around_the_secondarys_page_cache(tmp_path: Path) -> 
     assert resident_bytes(secondary / "big") <= 64 << 10
     assert (secondary / "big").read_bytes() == data
     assert compare_trees(primary, secondary) == []
+
+
+def test_index_that_cannot_be_healed_does_not_stop_the_sync(tmp_path: Path) -> None:
+    """Listing a secondary directory also re-records missing index links.  Where that
+    repair fails (here an immutable index bucket: EPERM even for root; in the field a full
+    disk), the listing still answers and the sync converges; the repair is done by the
+    first listing after the bucket is writable again."""
+    if not shutil.which("chattr"):
+        pytest.skip("needs chattr (e2fsprogs)")
+    primary, secondary = tmp_path / "p", tmp_path / "s"
+    (primary / "d").mkdir(parents=True)
+    for i in range(20):
+        (primary / "d" / f"f{i}").write_bytes(os.urandom(100 + i))
+    sync_once(primary, secondary)
+    gfid = os.getxattr(secondary / "d" / "f7", GFID_XATTR.decode()).hex()
+    bucket = secondary / ".georep" / "gfid" / gfid[:2]
+    (bucket / gfid).unlink()  # index damage: the listing of d will want to heal it
+    frozen = subprocess.run(["chattr", "+i", str(bucket)], capture_output=True, text=True)
+    if frozen.returncode != 0:
+        pytest.skip(f"chattr +i refused here: {frozen.stderr.strip()}")
+    try:
+        (primary / "d" / "f3").write_bytes(b"changed while the index is damaged")
+        summary = sync_once(primary, secondary)
+        assert summary["ok"]
+        assert not (bucket / gfid).exists()
+        assert compare_trees(primary, secondary) == []
+    finally:
+        subprocess.run(["chattr", "-i", str(bucket)], check=True)
+    sync_once(primary, secondary)
+    assert (bucket / gfid).stat().st_ino == (secondary / "d" / "f7").stat().st_ino
