@@ -76,7 +76,40 @@ def _session_log(state: str) -> None:
     root.setLevel(min(root.level, logging.INFO))
 
 
+def _prestart_secondary(a: argparse.Namespace) -> None:
+    """Start the secondary host (local, or ssh and its authentication) right away, so that
+    it starts while this process loads its pipeline; the first connect takes it."""
+    from transport.channel import prestart
+    from transport.endpoint import (
+        EndpointError,
+        local_host_argv,
+        parse_secondary,
+        session_ssh_command,
+        ssh_host_argv,
+    )
+
+    try:
+        ep = parse_secondary(a.secondary)
+    except EndpointError:
+        return  # reported by the Supervisor, with the other start-up errors
+    if ep.is_local:
+        prestart(local_host_argv(ep.path))
+    else:
+        prestart(ssh_host_argv(ep, ssh_command=session_ssh_command(
+            a.ssh_command, compress=a.compress), remote_command=a.remote_command))
+
+
 def cmd_sync(a: argparse.Namespace) -> int:
+    _prestart_secondary(a)
+    try:
+        return _sync(a)
+    finally:
+        from transport.channel import discard_prestarted
+
+        discard_prestarted()
+
+
+def _sync(a: argparse.Namespace) -> int:
     # The primary's pipeline is imported here, not at the top: ``georep-node secondary``,
     # started once per connection, then loads only the secondary host's modules.
     from actors.ledger import Failure
@@ -236,19 +269,7 @@ def _add_secondary(sub: Any) -> None:
     h.set_defaults(func=cmd_secondary)
 
 
-def _top_parser() -> tuple[argparse.ArgumentParser, Any]:
-    p = argparse.ArgumentParser(
-        prog="georep-node",
-        description="Continuous, asynchronous geo-replication of Linux directory trees.")
-    p.add_argument("-v", "--verbose", action="count", default=0,
-                   help="more log output on stderr (-v info, -vv debug)")
-    return p, p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-
-def build_parser() -> argparse.ArgumentParser:
-    """The argument parser; its help texts are the reference of every option."""
-    p, sub = _top_parser()
-
+def _add_sync(sub: Any) -> None:
     s = sub.add_parser(
         "sync", help="replicate PRIMARY to SECONDARY",
         description="Make SECONDARY an exact replica of the directory PRIMARY: content, "
@@ -325,6 +346,21 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--json", action="store_true", help="print the summary as JSON")
     s.set_defaults(func=cmd_sync)
 
+
+def _top_parser() -> tuple[argparse.ArgumentParser, Any]:
+    p = argparse.ArgumentParser(
+        prog="georep-node",
+        description="Continuous, asynchronous geo-replication of Linux directory trees.")
+    p.add_argument("-v", "--verbose", action="count", default=0,
+                   help="more log output on stderr (-v info, -vv debug)")
+    return p, p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser; its help texts are the reference of every option."""
+    p, sub = _top_parser()
+    _add_sync(sub)
+
     r = sub.add_parser("recorder", help="record the changes of a primary (started by sync)",
                        description="Recorder daemon: journals every change under --primary "
                        "(fanotify as root, inotify otherwise) into --state/journal.  Started "
@@ -381,11 +417,12 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``georep-node``."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] == ["secondary"]:
-        # Started by the primary for every connection: a parser of that one command
-        # spares it the operator commands' imports (same options, same help).
+    command = next((x for x in argv if not x.startswith("-")), None)
+    if command in ("secondary", "sync"):
+        # The secondary host (started for every connection) and sync: a parser of that
+        # one command spares them the operator commands' imports (same options, same help).
         p, sub = _top_parser()
-        _add_secondary(sub)
+        (_add_secondary if command == "secondary" else _add_sync)(sub)
     else:
         p = build_parser()
     args = p.parse_args(argv)

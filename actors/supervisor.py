@@ -60,7 +60,7 @@ from fsops.journal_tail import JournalTail
 from fsops.primary import PrimaryTree
 from fsops.safety import SafetyStop, check_primary, check_root, primary_is_empty
 from transport import Channel
-from transport.endpoint import Endpoint, parse_secondary
+from transport.endpoint import Endpoint, parse_secondary, session_ssh_command
 
 log = logging.getLogger("georep.supervisor")
 
@@ -199,7 +199,7 @@ class Supervisor(Inspectable, pykka.ThreadingActor):
     def _ssh_command(self) -> str:
         """The ssh client and options for the connection and the engines (-C: --compress)."""
         o = self.options
-        return f"{o.ssh_command} -C" if o.compress else o.ssh_command
+        return session_ssh_command(o.ssh_command, compress=o.compress)
 
     def _start_syncers(self, channel: Channel, primary: PrimaryTree) -> list[pykka.ActorRef[Any]]:
         """The Syncer pool, with the data engine and the shared bandwidth limit."""

@@ -448,6 +448,52 @@ def _relay_stderr(stream: BinaryIO, handler: Callable[[bytes], None]) -> None:
                 log.exception("stderr handler failed")
 
 
+def _popen(argv: list[str], env: dict[str, str] | None = None,
+           cwd: str | None = None) -> subprocess.Popen[bytes]:
+    return subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, bufsize=0, close_fds=True, env=env,
+                            cwd=cwd)
+
+
+#: Processes started ahead by :func:`prestart`, by argv, until spawn_local takes them.
+_prestarted: dict[tuple[str, ...], subprocess.Popen[bytes]] = {}
+
+
+def prestart(argv: list[str]) -> None:
+    """Start ``argv`` now, for the first :func:`spawn_local` of the same argv to take.
+
+    ``sync`` calls it before it loads its pipeline, so the secondary host's start-up (a
+    Python start, or an ssh connection and its authentication) overlaps the primary's
+    own.  Nothing is lost by it: a host touches nothing before the primary's hello, and
+    one nobody takes sees its stdin close when this process exits (or at
+    :func:`discard_prestarted`).  An argv that cannot start is left for spawn_local to
+    report.
+    """
+    key = tuple(argv)
+    if key in _prestarted:
+        return
+    try:
+        _prestarted[key] = _popen(argv)
+    except OSError:
+        pass
+
+
+def discard_prestarted(timeout: float = 2.0) -> None:
+    """End the prestarted processes nobody took (their stdin closes: a host exits)."""
+    while _prestarted:
+        _, proc = _prestarted.popitem()
+        if proc.stdin is not None:
+            proc.stdin.close()  # EOF before hello: a host exits 0, having done nothing
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+        for f in (proc.stdout, proc.stderr):
+            if f is not None:
+                f.close()
+
+
 def spawn_local(argv: list[str], *, stderr_handler: Callable[[bytes], None],
                 env: dict[str, str] | None = None, cwd: str | None = None,
                 **channel_kwargs: Any) -> tuple[subprocess.Popen[bytes], Channel]:
@@ -455,10 +501,11 @@ def spawn_local(argv: list[str], *, stderr_handler: Callable[[bytes], None],
 
     Each stderr line goes to ``stderr_handler`` from a daemon thread (re-log it as
     ``remote: ...``). The handshake is left to the caller; ssh is just another argv.
+    A process :func:`prestart` began with the same argv is taken instead of a new one.
     """
-    proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, bufsize=0, close_fds=True, env=env,
-                            cwd=cwd)
+    proc = _prestarted.pop(tuple(argv), None) if env is None and cwd is None else None
+    if proc is None:
+        proc = _popen(argv, env, cwd)
     assert proc.stdin is not None and proc.stdout is not None and proc.stderr is not None
     widen_pipe(proc.stdin.fileno())
     widen_pipe(proc.stdout.fileno())

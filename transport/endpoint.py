@@ -108,6 +108,11 @@ def ssh_base_argv(ep: Endpoint, *, ssh_command: str = "ssh") -> list[str]:
     return argv
 
 
+def session_ssh_command(ssh_command: str, *, compress: bool = False) -> str:
+    """The ssh client and options a session uses (``--compress`` adds ``-C``)."""
+    return f"{ssh_command} -C" if compress else ssh_command
+
+
 def ssh_host_argv(ep: Endpoint, *, ssh_command: str = "ssh",
                   remote_command: str = "georep-node") -> list[str]:
     """argv that starts the secondary host on ``ep.host`` over OpenSSH (see ssh_base_argv)."""

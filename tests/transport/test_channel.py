@@ -28,6 +28,9 @@ from transport import (
     spawn_local,
     write_frame,
 )
+from transport import channel as channel_module
+from transport.channel import discard_prestarted, prestart
+from transport.endpoint import local_host_argv
 from transport.framing import FrameReader
 
 G1 = b"\x01" * 16
@@ -384,3 +387,43 @@ def test_real_subprocess_with_stderr_relay() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait(WAIT)
+
+
+def test_prestarted_process_is_taken_by_the_first_spawn_of_its_argv(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("PYTHONPATH", str(REPO))
+    argv = [sys.executable, "-c", SERVER_SCRIPT]
+    prestart(argv)
+    early = channel_module._prestarted[tuple(argv)]
+    procs = []
+    try:
+        proc, chan = spawn_local(argv, stderr_handler=lambda _line: None)
+        procs.append(proc)
+        assert proc is early
+        assert chan.handshake(WAIT)["pid"] == early.pid
+        assert chan.call("ping", timeout=WAIT) == 0
+        # Taken once: the next spawn of that argv (a reconnect) starts a new process.
+        again, chan2 = spawn_local(argv, stderr_handler=lambda _line: None)
+        procs.append(again)
+        assert again.pid != early.pid and chan2.handshake(WAIT)["pid"] == again.pid
+        chan.close()
+        chan2.close()
+        assert proc.wait(WAIT) == 0 and again.wait(WAIT) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait(WAIT)
+        discard_prestarted()
+
+
+def test_an_unclaimed_prestarted_host_touches_nothing(tmp_path: Path) -> None:
+    """A secondary host started ahead that no connect takes (the sync failed first) exits
+    cleanly at discard_prestarted, without having created its root."""
+    root = tmp_path / "never"
+    prestart(local_host_argv(str(root)))
+    proc = channel_module._prestarted[tuple(local_host_argv(str(root)))]
+    discard_prestarted()
+    assert proc.returncode == 0
+    assert not root.exists()
+    assert channel_module._prestarted == {}
