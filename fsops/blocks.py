@@ -300,6 +300,12 @@ class DirectWriter:
         return len(view)
 
     def _direct(self, fd: int, dev: int, view: memoryview, offset: int) -> bool:
+        """Write ``view`` at ``offset`` (both aligned) with O_DIRECT; False when the file
+        system refuses it before anything was written (the caller writes it buffered).
+
+        Whatever is left when a direct write stops short (a short write off alignment, or
+        EINVAL part-way: an alignment stricter than DIRECT_ALIGN) is written buffered.
+        """
         flags = fcntl.fcntl(fd, fcntl.F_GETFL)
         try:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags | _O_DIRECT)
@@ -308,28 +314,32 @@ class DirectWriter:
                 raise
             self.refused.add(dev)
             return False
+        written = 0  # bytes of view on disk so far
         try:
-            pos, size = 0, len(self._buf)
-            while pos < len(view):
-                n = min(size, len(view) - pos)
-                self._view[:n] = view[pos: pos + n]
+            size = len(self._buf)
+            while written < len(view):
+                n = min(size, len(view) - written)
+                self._view[:n] = view[written: written + n]
                 done = 0
                 while done < n:
                     try:
-                        w = os.pwrite(fd, self._view[done:n], offset + pos + done)
+                        w = os.pwrite(fd, self._view[done:n], offset + written + done)
                     except OSError as e:
-                        if e.errno != errno.EINVAL or pos or done:
+                        if e.errno != errno.EINVAL:
                             raise
                         self.refused.add(dev)  # stricter alignment than DIRECT_ALIGN
-                        return False
-                    if w % DIRECT_ALIGN:  # a short direct write off alignment: finish buffered
+                        w = -1
+                    if w < 0 or w % DIRECT_ALIGN:
+                        written += done + max(w, 0)
+                        if not written:
+                            return False
                         fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-                        _pwrite_all(fd, view[pos + done + w:], offset + pos + done + w)
-                        self.direct_bytes += pos + done + w
+                        _pwrite_all(fd, view[written:], offset + written)
+                        self.direct_bytes += written
                         return True
                     done += w
-                pos += n
-            self.direct_bytes += len(view)
+                written += n
+            self.direct_bytes += written
             return True
         finally:
             fcntl.fcntl(fd, fcntl.F_SETFL, flags)

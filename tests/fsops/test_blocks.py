@@ -335,3 +335,34 @@ def test_file_system_refusing_o_direct_gets_buffered_writes(
         os.close(fd)
     assert len(asked) == 1 and w.direct_bytes == 0
     assert f.read_bytes() == bytes(100) + data
+
+
+def test_direct_write_refused_part_way_finishes_buffered(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A device whose direct writes fail with EINVAL after the first one (an alignment
+    stricter than 4 KiB at some offsets): the rest of the write is buffered, the content
+    is whole, and the device is not asked again."""
+    real = os.pwrite
+    direct_calls: list[int] = []
+
+    def pwrite(fd: int, data: memoryview | bytes, offset: int) -> int:
+        if fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT:
+            direct_calls.append(offset)
+            if len(direct_calls) == 2:
+                raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, data, offset)
+
+    monkeypatch.setattr(blocks.os, "pwrite", pwrite)
+    w = blocks.DirectWriter(256 << 10)
+    f = tmp_path / "dst"
+    data = os.urandom(2 * MiB + 10)
+    fd = os.open(f, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        assert w.write(fd, 0, memoryview(data)) == len(data)
+        assert w.direct_bytes == 256 << 10
+        assert w.refused == {os.fstat(fd).st_dev}
+        assert w.write(fd, 0, memoryview(data)) == len(data)
+        assert len(direct_calls) == 2
+    finally:
+        os.close(fd)
+    assert f.read_bytes() == data
