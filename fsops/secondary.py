@@ -806,6 +806,9 @@ class SecondaryFS:
                 continue
             try:
                 st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            except FileNotFoundError:
+                continue
+            try:
                 g = _raw_gfid(xattrs.get(name, GFID_XATTR, dir_fd=fd))
                 if g is None and xattrless(st.st_mode):
                     g = self.index.ino_gfid(st)
@@ -823,6 +826,13 @@ class SecondaryFS:
                 out.append([name, g, *self._describe(st, name, fd, nlink)])
             except FileNotFoundError:
                 continue
+            except PermissionError:
+                # An entry this host may not read (its xattrs: an unprivileged host and a
+                # mode-000 object): listed without identity or xattr digest, so the
+                # primary's ops on it fail one by one instead of the whole listing.
+                out.append([name, None, type_of(st.st_mode), stat.S_IMODE(st.st_mode),
+                            st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, b"",
+                            st.st_nlink])
         return out
 
     def _heal_index(self, fd: int, pgfid: bytes, name: bytes, st: os.stat_result,

@@ -299,6 +299,35 @@ def test_symlink_replaced_on_a_reused_inode(user: AsUser) -> None:
     assert os.readlink(s / os.path.basename(new)).startswith("other-target-")
 
 
+def test_a_directory_the_secondary_cannot_read_is_a_failure(user: AsUser) -> None:
+    """A secondary directory its (unprivileged) host may not read: its ops are failures
+    named in the summary (exit 1, no traceback), the rest of the tree still syncs, and
+    once it is readable again the next run converges."""
+    p, s = user.base / "nolist-p", user.base / "nolist-s"
+    user.py("import os, sys\nfor d in ('a', 'b'):\n    os.makedirs(f'{sys.argv[1]}/{d}')\n"
+            "    open(f'{sys.argv[1]}/{d}/f', 'w').write(d)", str(p))
+    assert user.sync_once(p, s)["ok"]
+    user.py("import sys\nfor d in ('a', 'b'):\n    open(f'{sys.argv[1]}/{d}/g', 'w').write(d)",
+            str(p))
+    os.chmod(s / "a", 0)  # root does it: its owner, the user, may no longer read it
+    try:
+        proc = user.georep("sync", p, s, "--once", "--json")
+        assert proc.returncode == 1, proc.stderr
+        assert "Traceback" not in proc.stderr, proc.stderr
+        failures = json.loads(proc.stdout)["failures"]
+        # The root's listing still answers (the unreadable entry without its identity);
+        # the ops on 'a' fail one by one, and nothing of it was evicted or replaced.
+        assert any("'a'" in f and "Permission denied" in f for f in failures), failures
+        assert all("'b" not in f for f in failures), failures
+        assert (s / "a" / "f").read_text() == "a"  # root reads it: still in place
+        assert (s / "b" / "g").exists(), (proc.stdout, proc.stderr)
+        assert (s / "b" / "g").read_text() == "b"
+    finally:
+        os.chmod(s / "a", 0o755)
+    assert user.sync_once(p, s)["ok"]
+    assert compare_trees(p, s) == []
+
+
 _DEVICE = r"""
 import errno, os, sys, uuid
 from fsops.constants import ROOT_GFID
