@@ -412,10 +412,15 @@ class Crawler(Inspectable, pykka.ThreadingActor):
         In place: listed out of band.  Known elsewhere on the secondary (a rename into
         place): listed out of band too, by gfid, wherever it is now.  Adopted: listed in
         order, after the ensure that gives it its gfid.  Otherwise it is created empty.
+        Whether a new subdirectory is known elsewhere takes a ``lookup`` round trip,
+        except for one whose gfid was minted while listing it (every directory of a
+        first sync): no secondary can know that gfid.
         """
-        new = [s for s in plan.subdirs if s.remote is None and not s.adopt]
+        new = [s for s in plan.subdirs if s.remote is None and not s.adopt
+               and not s.entry.minted]
         known: set[bytes] = set()
         if new:
+            self.ledger.count("lookups")
             found = self.channel.call("lookup", {"gfids": [s.entry.gfid for s in new]},
                                       timeout=self.timeout)
             known = {s.entry.gfid for s, t in zip(new, found, strict=True) if t is not None}

@@ -104,27 +104,34 @@ def ensure_gfid(fd_or_name: int | bytes, ino: int, *, dir_fd: int | None = None,
     value is re-read and used.  With ``st`` (the object's lstat), an object that cannot
     carry the xattr (unprivileged: symlinks and special files) gets its derived gfid.
     """
+    return gfid_of(fd_or_name, ino, dir_fd=dir_fd, st=st)[0]
+
+
+def gfid_of(fd_or_name: int | bytes, ino: int, *, dir_fd: int | None = None,
+            st: os.stat_result | None = None) -> tuple[bytes, bool]:
+    """:func:`ensure_gfid`, and whether this call minted the gfid: a new random value,
+    which no secondary can know yet."""
     if st is not None and xattrless(st.st_mode):
-        return derived_at(fd_or_name, st, dir_fd=dir_fd)
+        return derived_at(fd_or_name, st, dir_fd=dir_fd), False
     raw = xattrs.get(fd_or_name, GFID_XATTR, dir_fd=dir_fd)
     if raw is not None:
         if len(raw) == 24 and int.from_bytes(raw[16:], "little") == ino:
-            return raw[:16]
+            return raw[:16], False
         if len(raw) == 16:
             _set(fd_or_name, _encode(raw, ino), dir_fd, os.XATTR_REPLACE)
-            return raw
+            return raw, False
         # Copied from another inode, or garbage: this object gets an identity of its own.
         gfid = new_gfid()
         _set(fd_or_name, _encode(gfid, ino), dir_fd, os.XATTR_REPLACE)
-        return gfid
+        return gfid, True
     gfid = new_gfid()
     try:
         _set(fd_or_name, _encode(gfid, ino), dir_fd, os.XATTR_CREATE)
     except OSError as e:
         if e.errno != errno.EEXIST:
             raise
-        return ensure_gfid(fd_or_name, ino, dir_fd=dir_fd, st=st)
-    return gfid
+        return gfid_of(fd_or_name, ino, dir_fd=dir_fd, st=st)[0], False
+    return gfid, True
 
 
 def _set(target: int | bytes, value: bytes, dir_fd: int | None, flags: int) -> None:

@@ -60,6 +60,8 @@ class Entry:
     target: bytes | None = None
     xattrs: dict[bytes, bytes] = field(default_factory=dict)
     xdigest: bytes = b""
+    #: Its gfid was minted when this entry was read: no secondary can know it yet.
+    minted: bool = field(default=False, compare=False)
 
     def meta(self) -> dict[str, object]:
         """The meta map of docs/protocol.md for this object."""
@@ -211,11 +213,11 @@ class PrimaryTree:
     def _entry(self, dir_fd: int, name: bytes) -> Entry:
         st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
         t = entry_type(st.st_mode)
-        gfid = gfids.ensure_gfid(name, st.st_ino, dir_fd=dir_fd, st=st)
+        gfid, minted = gfids.gfid_of(name, st.st_ino, dir_fd=dir_fd, st=st)
         attrs = xattrs.read_replicated(name, dir_fd=dir_fd, scope=self.xattr_scope)
         target = os.readlink(name, dir_fd=dir_fd) if t == T_SYMLINK else None
         return Entry(name, gfid, t, stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
                      st.st_size if t == T_FILE else 0, st.st_atime_ns, st.st_mtime_ns,
                      st.st_ctime_ns, st.st_nlink, st.st_ino,
                      st.st_rdev if t in (T_CHR, T_BLK) else 0, target, attrs,
-                     xattrs.digest(attrs))
+                     xattrs.digest(attrs), minted)

@@ -92,12 +92,23 @@ def test_second_sync_converges(world: dict[str, Any], second: dict[str, Any]) ->
     assert compare_trees(world["primary"], world["secondary"]) == []
 
 
+def test_first_sync_asks_nothing_about_directories_it_just_named(
+        first: dict[str, Any]) -> None:
+    """Every directory of a first sync gets its gfid minted as it is read, so no
+    secondary can hold it elsewhere: the Crawler makes no ``lookup`` round trip."""
+    assert first["counters"].get("dirs_scanned", 0) > 500
+    assert first["counters"].get("lookups", 0) == 0
+
+
 def test_renamed_directory_is_one_rename(world: dict[str, Any], second: dict[str, Any]) -> None:
     old, new = world["changes"]["renamed_dir"]
     sec = os.fsencode(world["secondary"])
     assert os.stat(os.path.join(sec, new)).st_ino == world["renamed_ino"]
     assert not os.path.exists(os.path.join(sec, old))
     assert second["counters"].get("renamed", 0) >= 1
+    # Found by asking the secondary about a directory new at its place (a gfid that was
+    # not minted in this pass).
+    assert second["counters"].get("lookups", 0) >= 1
     # none of its 5,000 files was created again
     assert second["counters"].get("created", 0) < 20
 

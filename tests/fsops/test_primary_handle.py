@@ -9,6 +9,7 @@ import pytest
 
 from fsops import fanotify
 from fsops import gfid as gfids
+from fsops.constants import GFID_XATTR
 from fsops.primary import PrimaryTree
 
 pytestmark = [pytest.mark.skipif(os.geteuid() != 0, reason="open_by_handle_at needs root"),
@@ -56,3 +57,21 @@ def test_a_removed_file_is_none(tmp_path: Path) -> None:
     os.unlink(f)
     tree = PrimaryTree(os.fsencode(tmp_path))
     assert tree.open_handle(handle, g) is None
+
+
+def test_gfid_of_says_whether_it_minted(tmp_path: Path) -> None:
+    """Minted: a gfid assigned by this call (no xattr before, or one copied from another
+    inode); an object read with its own gfid is not."""
+    f = tmp_path / "f"
+    f.write_bytes(b"x")
+    ino = f.stat().st_ino
+    first, minted = gfids.gfid_of(bytes(f), ino)
+    assert minted
+    assert gfids.gfid_of(bytes(f), ino) == (first, False)
+    assert gfids.ensure_gfid(bytes(f), ino) == first
+    # Copied (cp --preserve=xattr) onto another inode: that one gets its own, minted.
+    g = tmp_path / "g"
+    g.write_bytes(b"x")
+    os.setxattr(g, GFID_XATTR.decode(), os.getxattr(f, GFID_XATTR.decode()))
+    other, minted = gfids.gfid_of(bytes(g), g.stat().st_ino)
+    assert minted and other != first
