@@ -312,44 +312,85 @@ class Crawler(Inspectable, pykka.ThreadingActor):
                 self.unresolved.append(d.gfid)  # moved since it was placed: look again
             return
         try:
-            if todo.names is None:
-                entries, problems = self.primary.list_dir(fd, is_root=not sub.relpath)
+            if todo.names is None and sub.remote is None and not todo.needs_listing:
+                todos = self._crawl_new(fd, sub)
             else:
-                entries, problems = self._named(fd, todo.names, is_root=not sub.relpath)
-            for name, reason in problems:
-                self.ledger.fail("entry", "scan", _join(sub.relpath, name), None, None, reason,
-                                 pgfid=d.gfid)
-            remote = self._listing_or_failure(todo)
-            if remote is None:
-                return
-            plan = plan_dir(d.gfid, sub.relpath, entries, remote, self.seen,
-                            force_data=self.force_data, rules=self.rules)
-            if self.dirmap is not None:
-                for s in plan.subdirs:
-                    self.dirmap.set(s.entry.gfid, d.gfid, s.entry.name)
-            if self.objects:
-                for e in entries:
-                    self.objects.pop(e.gfid, None)
-            self.ledger.count("scanned", len(entries))
-            self.ledger.count("dirs_scanned")
-            todos, listings = self._subdir_todos(plan)
-            self._send_plan(fd, sub, plan, listings)
+                todos = self._crawl_known(fd, todo)
         finally:
             os.close(fd)
         self.stack.extend(reversed(todos))
 
+    def _crawl_known(self, fd: int, todo: _Todo) -> list[_Todo]:
+        """Crawl a directory the secondary has (or may have): compare the two listings.
+        Returns the subdirectories to crawl."""
+        sub = todo.sub
+        d = sub.entry
+        if todo.names is None:
+            entries, problems = self.primary.list_dir(fd, is_root=not sub.relpath)
+        else:
+            entries, problems = self._named(fd, todo.names, is_root=not sub.relpath)
+        for name, reason in problems:
+            self.ledger.fail("entry", "scan", _join(sub.relpath, name), None, None, reason,
+                             pgfid=d.gfid)
+        remote = self._listing_or_failure(todo)
+        if remote is None:
+            return []
+        plan = plan_dir(d.gfid, sub.relpath, entries, remote, self.seen,
+                        force_data=self.force_data, rules=self.rules)
+        self._planned(d, entries, plan)
+        self.ledger.count("dirs_scanned")
+        todos, listings = self._subdir_todos(plan)
+        self._send_plan(fd, sub, plan, listings)
+        return todos
+
+    def _crawl_new(self, fd: int, sub: SubDir) -> list[_Todo]:
+        """Crawl a directory the secondary does not have yet (it is created empty by its
+        parent's ops): nothing there to compare with, so it is read, planned and sent in
+        parts of ``ADD_SLICE`` names, and the secondary starts on the first part of a
+        5,000-file directory while this side still reads the rest.  The directory's own
+        meta follows its last part.  Returns the subdirectories to crawl."""
+        d = sub.entry
+        todos: list[_Todo] = []
+        for entries, problems in self.primary.iter_dir(fd, is_root=not sub.relpath,
+                                                       size=ADD_SLICE):
+            for name, reason in problems:
+                self.ledger.fail("entry", "scan", _join(sub.relpath, name), None, None,
+                                 reason, pgfid=d.gfid)
+            plan = plan_dir(d.gfid, sub.relpath, entries, [], self.seen,
+                            force_data=self.force_data, rules=self.rules)
+            self._planned(d, entries, plan)
+            part_todos, listings = self._subdir_todos(plan)
+            todos.extend(part_todos)
+            self._send_plan(fd, sub, plan, listings, final=False)
+        self.ledger.count("dirs_scanned")
+        self._send_plan(fd, sub, Plan(), [])
+        return todos
+
+    def _planned(self, d: Entry, entries: list[Entry], plan: Plan) -> None:
+        """Bookkeeping of a planned directory (or part of one)."""
+        if self.dirmap is not None:
+            for s in plan.subdirs:
+                self.dirmap.set(s.entry.gfid, d.gfid, s.entry.name)
+        if self.objects:
+            for e in entries:
+                self.objects.pop(e.gfid, None)
+        self.ledger.count("scanned", len(entries))
+
     def _send_plan(self, fd: int, sub: SubDir, plan: Plan,
-                   listings: list[tuple[bytes, Future[Any]]]) -> None:
+                   listings: list[tuple[bytes, Future[Any]]], *, final: bool = True) -> None:
         """Read the inline data of ``plan`` and hand its ops to the Batcher.
 
         A large directory goes in slices of ``ADD_SLICE`` ops, each sent once its files
         are read: the secondary starts on the first slice of a 5,000-file directory
-        while this side still reads the rest.  The directory's meta, the data jobs
-        without an ensure, and the listings that must follow its ops go with the last.
+        while this side still reads the rest.  The data jobs without an ensure and the
+        listings that must follow its ops go with the last slice, and so does the
+        directory's meta when ``final`` (the plan is the directory's last part).
         """
         d = sub.entry
-        meta_needed = dir_meta_needed(d, sub.remote, plan)
         n = len(plan.ops)
+        if not final and not n and not plan.data and not listings:
+            return
+        meta_needed = final and dir_meta_needed(d, sub.remote, plan)
         loose = [j for j in plan.data if j.ensure_index is None]
         start = 0
         while True:
@@ -374,7 +415,7 @@ class Crawler(Inspectable, pykka.ThreadingActor):
             if last:
                 break
             start = end
-        if self.descend == DESCEND_NEW and (n or meta_needed):
+        if final and self.descend == DESCEND_NEW and (n or meta_needed):
             # Live: send this directory's ops now rather than after the whole re-check (a
             # renamed directory's new name shows before its contents are compared).
             self.batcher.flush.defer()

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from fsops import fanotify, xattrs
@@ -189,10 +190,14 @@ class PrimaryTree:
         Returns (entries sorted by name, problems) where problems are (name, reason)
         pairs for entries that vanished or could not be read; they are not fatal.
         """
-        entries: list[Entry] = []
-        problems: list[tuple[bytes, str]] = []
         with os.scandir(dir_fd) as it:
             names = [de.name for de in it]
+        return self._entries(dir_fd, names, is_root)
+
+    def _entries(self, dir_fd: int, names: list[str],
+                 is_root: bool) -> tuple[list[Entry], list[tuple[bytes, str]]]:
+        entries: list[Entry] = []
+        problems: list[tuple[bytes, str]] = []
         for n in names:
             name = os.fsencode(n)
             if is_root and name == META_DIR:
@@ -205,6 +210,16 @@ class PrimaryTree:
                 problems.append((name, f"{os.strerror(e.errno or 0)} (errno {e.errno})"))
         entries.sort(key=lambda e: e.name)
         return entries, problems
+
+    def iter_dir(self, dir_fd: int, *, is_root: bool, size: int
+                 ) -> Iterator[tuple[list[Entry], list[tuple[bytes, str]]]]:
+        """:meth:`list_dir` in parts of up to ``size`` names (each part sorted by name),
+        for a directory whose entries can be planned part by part (one new on the
+        secondary): the first part goes out before the last name is read."""
+        with os.scandir(dir_fd) as it:
+            names = [de.name for de in it]
+        for start in range(0, len(names), size):
+            yield self._entries(dir_fd, names[start:start + size], is_root)
 
     def stat_entry(self, dir_fd: int, name: bytes) -> Entry:
         """One entry of an open directory, as :meth:`list_dir` would report it."""
