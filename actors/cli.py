@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import logging.handlers
 import os
 import shlex
 import signal
@@ -26,8 +25,6 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
 import pykka
-
-from actors.engines import ENGINES, NATIVE, parse_rate
 
 if TYPE_CHECKING:
     from actors.supervisor import Summary
@@ -68,6 +65,8 @@ def _session_log(state: str) -> None:
     from fsops.dirmap import make_private_dirs
 
     make_private_dirs(state)
+    import logging.handlers
+
     h = logging.handlers.WatchedFileHandler(os.path.join(state, "georep.log"))
     h.setFormatter(logging.Formatter(LOG_FORMAT))
     h.setLevel(logging.INFO)
@@ -240,6 +239,8 @@ def cmd_ssh_key(a: argparse.Namespace) -> int:
 
 def _rate(text: str) -> int:
     try:
+        from actors.engines import parse_rate
+
         return parse_rate(text)
     except ValueError as e:
         raise argparse.ArgumentTypeError(str(e))
@@ -315,6 +316,8 @@ def _add_sync(sub: Any) -> None:
     s.add_argument("--force", action="store_true",
                    help="take over the secondary's session lock even when its holder is "
                    "alive (the holder exits); use only when that session is known dead")
+    from actors.engines import ENGINES, NATIVE
+
     s.add_argument("--engine", choices=ENGINES, default=NATIVE,
                    help="how file data travels: native (georep's block delta on its own "
                    "connection), rsync (rsync --inplace per batch of files, over its own ssh) "
