@@ -329,9 +329,7 @@ class Crawler(Inspectable, pykka.ThreadingActor):
             entries, problems = self.primary.list_dir(fd, is_root=not sub.relpath)
         else:
             entries, problems = self._named(fd, todo.names, is_root=not sub.relpath)
-        for name, reason in problems:
-            self.ledger.fail("entry", "scan", _join(sub.relpath, name), None, None, reason,
-                             pgfid=d.gfid)
+        self._scan_problems(sub, problems)
         remote = self._listing_or_failure(todo)
         if remote is None:
             return []
@@ -353,9 +351,7 @@ class Crawler(Inspectable, pykka.ThreadingActor):
         todos: list[_Todo] = []
         for entries, problems in self.primary.iter_dir(fd, is_root=not sub.relpath,
                                                        size=ADD_SLICE):
-            for name, reason in problems:
-                self.ledger.fail("entry", "scan", _join(sub.relpath, name), None, None,
-                                 reason, pgfid=d.gfid)
+            self._scan_problems(sub, problems)
             plan = plan_dir(d.gfid, sub.relpath, entries, [], self.seen,
                             force_data=self.force_data, rules=self.rules)
             self._planned(d, entries, plan)
@@ -365,6 +361,12 @@ class Crawler(Inspectable, pykka.ThreadingActor):
         self.ledger.count("dirs_scanned")
         self._send_plan(fd, sub, Plan(), [])
         return todos
+
+    def _scan_problems(self, sub: SubDir, problems: list[tuple[bytes, str]]) -> None:
+        """Record the entries of ``sub`` that could not be read on the primary."""
+        for name, reason in problems:
+            self.ledger.fail("entry", "scan", _join(sub.relpath, name), None, None, reason,
+                             pgfid=sub.entry.gfid)
 
     def _planned(self, d: Entry, entries: list[Entry], plan: Plan) -> None:
         """Bookkeeping of a planned directory (or part of one)."""

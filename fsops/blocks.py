@@ -294,8 +294,9 @@ class DirectWriter:
         if dev in self.refused:
             return _pwrite_all(fd, view, offset)
         _pwrite_all(fd, view[: start - offset], offset)
-        if not self._direct(fd, dev, view[start - offset: stop - offset], start):
-            return _pwrite_all(fd, view, offset)
+        middle = view[start - offset: stop - offset]
+        if not self._direct(fd, dev, middle, start):
+            _pwrite_all(fd, middle, start)
         _pwrite_all(fd, view[stop - offset:], stop)
         return len(view)
 

@@ -41,6 +41,11 @@ class PrimaryError(Exception):
     """The primary brick cannot be read as a whole (missing root, not a directory)."""
 
 
+def _names(dir_fd: int) -> list[str]:
+    with os.scandir(dir_fd) as it:
+        return [de.name for de in it]
+
+
 @dataclass(slots=True)
 class Entry:
     """One object in a primary directory, as the reconciler needs it."""
@@ -190,9 +195,7 @@ class PrimaryTree:
         Returns (entries sorted by name, problems) where problems are (name, reason)
         pairs for entries that vanished or could not be read; they are not fatal.
         """
-        with os.scandir(dir_fd) as it:
-            names = [de.name for de in it]
-        return self._entries(dir_fd, names, is_root)
+        return self._entries(dir_fd, _names(dir_fd), is_root)
 
     def _entries(self, dir_fd: int, names: list[str],
                  is_root: bool) -> tuple[list[Entry], list[tuple[bytes, str]]]:
@@ -216,8 +219,7 @@ class PrimaryTree:
         """:meth:`list_dir` in parts of up to ``size`` names (each part sorted by name),
         for a directory whose entries can be planned part by part (one new on the
         secondary): the first part goes out before the last name is read."""
-        with os.scandir(dir_fd) as it:
-            names = [de.name for de in it]
+        names = _names(dir_fd)
         for start in range(0, len(names), size):
             yield self._entries(dir_fd, names[start:start + size], is_root)
 

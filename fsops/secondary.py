@@ -84,6 +84,12 @@ def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:
 _NEW_FILE_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
 
 
+def _row(st: os.stat_result, xattr_digest: bytes, nlink: int) -> list:
+    """[type, mode, uid, gid, size, mtime_ns, xattr_digest, nlink]: a listing's entry."""
+    return [type_of(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
+            st.st_size, st.st_mtime_ns, xattr_digest, nlink]
+
+
 def _times(fd: int) -> Times:
     st = os.fstat(fd)
     return st.st_atime_ns, st.st_mtime_ns
@@ -775,8 +781,7 @@ class SecondaryFS:
                   nlink: int) -> list:
         dig = xattrs.digest(xattrs.read_replicated(target, dir_fd=dir_fd,
                                                    scope=self.xattr_scope))
-        return [type_of(st.st_mode), stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid,
-                st.st_size, st.st_mtime_ns, dig, nlink]
+        return _row(st, dig, nlink)
 
     def list_dir(self, gfid: bytes, names: list[bytes] | None = None) -> list[list]:
         """Entries of directory ``gfid`` as [name, gfid|None, type, mode, uid, gid, size,
@@ -816,9 +821,9 @@ class SecondaryFS:
                 if g is not None and gfid != LIMBO_GFID:
                     try:
                         nlink -= self._heal_index(fd, gfid, name, st, g)
-                    except OSError as e:
-                        if isinstance(e, FileNotFoundError):
-                            raise
+                    except FileNotFoundError:
+                        raise
+                    except OSError:
                         # Healing is a repair on the side (a full disk, a full index
                         # directory): the listing is still right, the missing index link
                         # is not counted, and the next listing tries again.
@@ -830,9 +835,7 @@ class SecondaryFS:
                 # An entry this host may not read (its xattrs: an unprivileged host and a
                 # mode-000 object): listed without identity or xattr digest, so the
                 # primary's ops on it fail one by one instead of the whole listing.
-                out.append([name, None, type_of(st.st_mode), stat.S_IMODE(st.st_mode),
-                            st.st_uid, st.st_gid, st.st_size, st.st_mtime_ns, b"",
-                            st.st_nlink])
+                out.append([name, None, *_row(st, b"", st.st_nlink)])
         return out
 
     def _heal_index(self, fd: int, pgfid: bytes, name: bytes, st: os.stat_result,
