@@ -8,7 +8,8 @@ run, alternating, and writes its table to stdout, its JSON to ``bench/results/``
 own section of BENCHMARKS.md:
 
 - ``initial_sync``: first/second/no-change sync vs rsync, local (bench/initial_sync.py)
-- ``ssh``: first sync and a 1 GiB file over ssh vs rsync and the ssh pipe (bench/ssh.py)
+- ``ssh``: first sync of 20,000 entries / ~1 GiB and a 1 GiB file over ssh vs rsync and
+  the ssh pipe (bench/ssh.py): issue #8's initial-sync scenario
 - ``live``: continuous replication latency, bursts, renames vs lsyncd (bench/live.py)
 - ``bigfile``: 1 MiB changed in a 1 GiB file (bytes on the wire, time) vs rsync, and
   the ceiling: disk read, ssh pipe (bench/bigfile.py)
@@ -35,14 +36,14 @@ from bench.common import REPO, log
 
 FULL: dict[str, list[str]] = {
     "initial_sync": ["--entries", "20000", "--reps", "3"],
-    "ssh": ["--entries", "20000", "--reps", "3", "--big-mib", "1024"],
+    "ssh": ["--entries", "20000", "--data-mib", "1024", "--reps", "3", "--big-mib", "1024"],
     "live": [],
     "bigfile": ["--mib", "1024", "--reps", "3"],
     "scale": ["--sizes", "20000,200000", "--reps", "3"],
 }
 QUICK: dict[str, list[str]] = {
     "initial_sync": ["--entries", "2000", "--reps", "1", "--no-big-sparse"],
-    "ssh": ["--entries", "2000", "--reps", "1", "--big-mib", "64"],
+    "ssh": ["--entries", "2000", "--data-mib", "64", "--reps", "1", "--big-mib", "64"],
     "live": ["--duration", "3", "--burst", "500", "--rename-files", "500"],
     "bigfile": ["--mib", "64", "--reps", "1"],
     "scale": ["--sizes", "5000", "--reps", "1", "--settle", "1"],

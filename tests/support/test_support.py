@@ -138,6 +138,21 @@ def test_make_tree_deterministic(tmp_path: Path) -> None:
     assert diff_snapshots(snap1, snapshot_tree(root), ignore_fields=("ino",)) != []
 
 
+def test_data_mib_tops_up_data_and_keeps_the_entry_count(tmp_path: Path) -> None:
+    kw: dict[str, Any] = dict(SMALL, entries=1000, big_dir_files=10)
+    plain = make_tree(tmp_path / "plain", seed=3, **kw)
+    full = make_tree(tmp_path / "full", seed=3, data_mib=40, **kw)
+    assert plain["media_files"] == 0
+    assert full["media_files"] > 0
+    assert full["entries"] == plain["entries"]
+    assert full["data_bytes"] >= 40 << 20
+    on_disk = 0
+    for d, _, files in os.walk(tmp_path / "full" / "media"):
+        on_disk += sum(os.lstat(os.path.join(d, f)).st_size for f in files)
+    assert on_disk > 0
+    assert full["data_bytes"] - plain["data_bytes"] >= on_disk - (1 << 20)
+
+
 def test_make_tree_refuses_non_empty(tmp_path: Path) -> None:
     (tmp_path / "x").write_bytes(b"")
     with pytest.raises(FileExistsError):

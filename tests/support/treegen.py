@@ -7,8 +7,10 @@ Usage as a module::
 API:
 
 * ``make_tree(root, *, seed=1, entries=20_000, big_sparse=True, big_files_mib=4,
-  big_dir_files=5000) -> dict`` builds the tree and returns a summary (counts by
-  type and feature, total bytes).
+  big_dir_files=5000, data_mib=0) -> dict`` builds the tree and returns a summary
+  (counts by type and feature, total bytes). ``data_mib`` tops the tree's written
+  data up to that many MiB with files of 64 KiB to 48 MiB under ``media/`` (the
+  entry count stays the same: the bulk part gets fewer entries).
 * ``apply_changes(root, *, seed=2) -> dict`` applies the acceptance-test change
   mix to a tree made by ``make_tree`` and describes what it did (paths are
   bytes, relative to ``root``).
@@ -119,6 +121,8 @@ class _Gen:
             "chardevs": 0,
             "bytes": 0,
             "big_files": 0,
+            "media_files": 0,
+            "data_bytes": 0,
             "sparse_files": 0,
             "hardlink_groups": 0,
             "hardlink_pairs": 0,
@@ -200,6 +204,7 @@ class _Gen:
         )
         self.summary["files"] += 1
         self.summary["bytes"] += size
+        self.summary["data_bytes"] += size
         if size == 0:
             self.summary["empty_files"] += 1
         return rel
@@ -219,6 +224,7 @@ class _Gen:
         self.summary["files"] += 1
         self.summary["big_files"] += 1
         self.summary["bytes"] += size
+        self.summary["data_bytes"] += size
         return rel
 
     def sparse_file(self, rel: bytes, size: int, extents: list[tuple[int, int]]) -> bytes:
@@ -234,6 +240,7 @@ class _Gen:
         self.summary["files"] += 1
         self.summary["sparse_files"] += 1
         self.summary["bytes"] += size
+        self.summary["data_bytes"] += sum(n for _, n in extents)
         return rel
 
     def symlink(self, rel: bytes, target: bytes, kind: str | None = None) -> bytes:
@@ -408,6 +415,27 @@ class _Gen:
     def _setfacl(self, args: list[str], rel: bytes) -> None:
         subprocess.run(["setfacl", *args, "--", self.abs(rel)], check=True)
 
+    def build_media(self, target_bytes: int) -> None:
+        """Files of 64 KiB to 48 MiB (log-uniform) until the tree holds ``target_bytes``
+        of data, ten to a directory under ``media/``."""
+        rng = self.rng
+        if self.summary["data_bytes"] >= target_bytes:
+            return
+        base = self.mkdir(b"media")
+        d = base
+        i = 0
+        while self.summary["data_bytes"] < target_bytes:
+            if i % 10 == 0:
+                d = self.mkdir(_join(base, b"m%03d" % (i // 10)))
+            size = int(math.exp(rng.uniform(math.log(64 * KIB), math.log(48 * MIB))))
+            size = min(size, target_bytes - self.summary["data_bytes"])
+            if size >= MIB:
+                self.big_file(_join(d, b"v%04d.bin" % i), size)
+            else:
+                self.file(_join(d, b"v%04d.bin" % i), size=size)
+            self.summary["media_files"] += 1
+            i += 1
+
     def build_bulk(self, budget: int) -> None:
         rng = self.rng
         base = self.mkdir(b"bulk")
@@ -522,6 +550,7 @@ def make_tree(
     big_sparse: bool = True,
     big_files_mib: int = 4,
     big_dir_files: int = 5000,
+    data_mib: int = 0,
 ) -> dict[str, Any]:
     """Create the hostile sample tree under ``root`` (must be absent or empty).
 
@@ -533,6 +562,7 @@ def make_tree(
         raise FileExistsError(f"{root!s} is not empty")
     g = _Gen(root, seed, big_dir_files)
     g.build_fixed(big_sparse, big_files_mib)
+    g.build_media(data_mib * MIB)
     g.build_bulk(max(0, entries - g.summary["entries"]))
     g.apply_metadata()
     if g.summary["acl_entries"] and g.kind.get(b"acl/inherited") != "file":
@@ -636,6 +666,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--entries", type=int, default=20_000)
     ap.add_argument("--small", action="store_true", help="no 256 MiB sparse file, 1 MiB big files")
     ap.add_argument("--big-dir-files", type=int, default=5000)
+    ap.add_argument("--data-mib", type=int, default=0,
+                    help="top the written data up to this many MiB with files under media/")
     ap.add_argument(
         "--apply-changes",
         action="store_true",
@@ -652,6 +684,7 @@ def main(argv: list[str] | None = None) -> int:
             big_sparse=not ns.small,
             big_files_mib=1 if ns.small else 4,
             big_dir_files=ns.big_dir_files,
+            data_mib=ns.data_mib,
         )
     json.dump(
         res,
