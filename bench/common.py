@@ -41,6 +41,7 @@ class Run:
     cpu_user: float = 0.0
     cpu_sys: float = 0.0
     load1: float = 0.0
+    machine_cpu: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -51,7 +52,8 @@ class Run:
         d: dict[str, Any] = {"tool": self.tool, "argv": self.argv,
                              "seconds": round(self.seconds, 4), "returncode": self.returncode,
                              "cpu_user": round(self.cpu_user, 3),
-                             "cpu_sys": round(self.cpu_sys, 3), "load1": self.load1}
+                             "cpu_sys": round(self.cpu_sys, 3), "load1": self.load1,
+                             "machine_cpu": round(self.machine_cpu, 3)}
         d.update(self.extra)
         return d
 
@@ -60,27 +62,44 @@ class BenchError(RuntimeError):
     """A benchmarked command failed or produced a wrong result."""
 
 
+def machine_busy_seconds() -> float:
+    """CPU-seconds every CPU of the machine has spent busy since boot (/proc/stat: all
+    but idle and iowait), or 0.0 where there is no /proc/stat."""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = f.readline().split()[1:]
+    except OSError:
+        return 0.0
+    ticks = [int(x) for x in fields]
+    busy = sum(ticks[:8]) - ticks[3] - ticks[4]  # user nice system idle iowait irq softirq steal
+    return busy / os.sysconf("SC_CLK_TCK")
+
+
 def timed(tool: str, argv: Sequence[str], *, check: bool = True) -> Run:
     """Run ``argv``; measure its wall time and CPU time (its own and its reaped children's).
 
     CPU time (user + sys from ``wait4``) is reported next to wall time because it is far
     less sensitive to other load on the machine; the 1-minute load average before the run
-    is recorded too.
+    is recorded too, and so is the whole machine's busy CPU time during the run
+    (``machine_cpu``: both ends of a local ssh, kernel writeback, and anything else that
+    ran).
     """
     argv = [str(a) for a in argv]
     load = os.getloadavg()[0]
+    busy0 = machine_busy_seconds()
     with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
         t0 = time.perf_counter()
         p = subprocess.Popen(argv, stdout=out, stderr=err)
         _, status, ru = os.wait4(p.pid, 0)
         dt = time.perf_counter() - t0
+        busy = machine_busy_seconds() - busy0
         p.returncode = os.waitstatus_to_exitcode(status)
         out.seek(0)
         err.seek(0)
         stdout = out.read().decode("utf-8", "replace")
         stderr = err.read().decode("utf-8", "replace")
     run = Run(tool, argv, dt, p.returncode, stdout, stderr,
-              cpu_user=ru.ru_utime, cpu_sys=ru.ru_stime, load1=load)
+              cpu_user=ru.ru_utime, cpu_sys=ru.ru_stime, load1=load, machine_cpu=busy)
     if check and p.returncode != 0:
         raise BenchError(f"{tool}: exit {p.returncode}: {shlex.join(argv)}\n"
                          f"stdout: {stdout[-2000:]}\nstderr: {stderr[-2000:]}")

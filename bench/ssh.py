@@ -191,6 +191,10 @@ def _cpu(runs: list[Run]) -> float | None:
     return median([r.cpu for r in runs])
 
 
+def _mcpu(runs: list[Run]) -> float:
+    return median([r.machine_cpu for r in runs]) or 0.0
+
+
 def _mbs(size: int, secs: float | None) -> str:
     return "-" if not secs else f"{size / secs / 1e6:.0f} MB/s"
 
@@ -211,7 +215,9 @@ def render(result: dict[str, Any], tree: dict[str, list[Run]] | None,
            f"Python {m['python']}, {m['rsync']}. Medians of wall time; CPU = user + sys of "
            "the command and its children (the ssh client and, for rsync, its local "
            "processes; the remote side runs under sshd and is not counted, except "
-           "that on one machine it competes for the same 2 CPUs).",
+           "that on one machine it competes for the same 2 CPUs); CPU whole machine = "
+           "busy time of all CPUs during the run (/proc/stat): both ends, the kernel's "
+           "writeback, and anything else that ran.",
            ""]
     if tree:
         t = result["tree"]
@@ -224,12 +230,15 @@ def render(result: dict[str, Any], tree: dict[str, list[Run]] | None,
                 "into an empty remote directory:",
                 "",
                 "| n | georep (native) | rsync -aHAX | georep / rsync -aHAX | rsync -aHAXS | "
-                "georep / rsync -aHAXS | CPU here georep / rsync / rsync -S |",
-                "|---:|---:|---:|---:|---:|---:|---:|",
+                "georep / rsync -aHAXS | CPU here georep / rsync / rsync -S | "
+                "CPU whole machine georep / rsync / rsync -S |",
+                "|---:|---:|---:|---:|---:|---:|---:|---:|",
                 f"| {len(tree['georep'])} | {fmt_s(g)} | {fmt_s(r)} | {fmt_ratio(g, r)} | "
                 f"{fmt_s(rs)} | {fmt_ratio(g, rs)} | "
                 f"{_cpu(tree['georep']) or 0:.2f} / {_cpu(tree['rsync']) or 0:.2f} / "
-                f"{_cpu(tree['rsync-S']) or 0:.2f} s |",
+                f"{_cpu(tree['rsync-S']) or 0:.2f} s | "
+                f"{_mcpu(tree['georep']):.2f} / {_mcpu(tree['rsync']):.2f} / "
+                f"{_mcpu(tree['rsync-S']):.2f} s |",
                 ""]
     if big:
         size = result["big_bytes"]
@@ -239,8 +248,8 @@ def render(result: dict[str, Any], tree: dict[str, list[Run]] | None,
                 "like `sync DEST`, it returns only once the data is on the secondary's disk):",
                 "",
                 "| tool | n | wall | throughput | % of `cat \\| ssh 'cat > /dev/null'` |"
-                " % of `ssh 'cat > DEST && sync DEST'` | CPU here |",
-                "|---|---:|---:|---:|---:|---:|---:|"]
+                " % of `ssh 'cat > DEST && sync DEST'` | CPU here | CPU whole machine |",
+                "|---|---:|---:|---:|---:|---:|---:|---:|"]
         names = {"georep": "georep --engine native", "georep-rsync": "georep --engine rsync",
                  "georep-tarssh": "georep --engine tarssh",
                  "ssh-cat-null": "`cat FILE \\| ssh HOST 'cat > /dev/null'`",
@@ -253,7 +262,8 @@ def render(result: dict[str, Any], tree: dict[str, list[Run]] | None,
             pct = "-" if not s or not ref else f"{ref / s * 100:.0f} %"
             dpct = "-" if not s or not durable else f"{durable / s * 100:.0f} %"
             out.append(f"| {names[tool]} | {len(big.get(tool, []))} | {fmt_s(s)} | "
-                       f"{_mbs(size, s)} | {pct} | {dpct} | {_cpu(big.get(tool, [])) or 0:.2f} s |")
+                       f"{_mbs(size, s)} | {pct} | {dpct} | {_cpu(big.get(tool, [])) or 0:.2f} s | "
+                       f"{_mcpu(big.get(tool, [])):.2f} s |")
         out.append("")
     return "\n".join(out)
 
