@@ -62,12 +62,13 @@ Meta = Mapping[str, Any]
 Times = tuple[int, int]
 
 
+_TYPES = {stat.S_IFREG: T_FILE, stat.S_IFDIR: T_DIR, stat.S_IFLNK: T_SYMLINK,
+          stat.S_IFIFO: T_FIFO, stat.S_IFCHR: T_CHR, stat.S_IFBLK: T_BLK, stat.S_IFSOCK: T_SOCK}
+
+
 def type_of(mode: int) -> str:
     """Wire type code of an st_mode."""
-    fmt = stat.S_IFMT(mode)
-    return {stat.S_IFREG: T_FILE, stat.S_IFDIR: T_DIR, stat.S_IFLNK: T_SYMLINK,
-            stat.S_IFIFO: T_FIFO, stat.S_IFCHR: T_CHR, stat.S_IFBLK: T_BLK,
-            stat.S_IFSOCK: T_SOCK}.get(fmt, "?")
+    return _TYPES.get(stat.S_IFMT(mode), "?")
 
 
 def _err(code: int, what: str) -> OSError:
@@ -848,7 +849,7 @@ class SecondaryFS:
                     self.index.forget_dir(g)
                     self.index.set_dir(g, pgfid, name)
             return 0
-        ist = self.index.lstat(g)
+        ist = self.index.lstat(g, likely=True)
         if ist is None:
             self.index.set_link(g, fd, name, st.st_ino)
             return 1

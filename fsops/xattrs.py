@@ -23,6 +23,7 @@ ACL_DEFAULT = b"system.posix_acl_default"
 _SYSTEM_KEPT = frozenset({ACL_ACCESS, ACL_DEFAULT})
 
 _MISSING = (errno.ENODATA, errno.ENOTSUP)
+_OWN_STR = tuple(os.fsdecode(p) for p in OWN_XATTR_PREFIXES)
 
 #: Which replicated xattrs a session manages (config keys sync-xattrs and sync-acls):
 #: everything, plain xattrs only (user, trusted, security; no POSIX ACLs), POSIX ACLs
@@ -93,6 +94,12 @@ def remove(target: PathLike, name: bytes, *, dir_fd: int | None = None) -> None:
 
 def names(target: PathLike, *, dir_fd: int | None = None) -> list[bytes]:
     """All xattr names, as bytes (never decoded)."""
+    # os.listxattr returns str decoded with the filesystem encoding (surrogateescape):
+    # re-encoding gives back the exact bytes, non-UTF-8 names included.
+    return [os.fsencode(n) for n in _raw_names(target, dir_fd)]
+
+
+def _raw_names(target: PathLike, dir_fd: int | None) -> list[str]:
     try:
         if isinstance(target, int):
             raw = os.listxattr(target)
@@ -104,9 +111,7 @@ def names(target: PathLike, *, dir_fd: int | None = None) -> list[bytes]:
         if e.errno in _MISSING:
             return []
         raise
-    # os.listxattr returns str decoded with the filesystem encoding (surrogateescape):
-    # re-encoding gives back the exact bytes, non-UTF-8 names included.
-    return [os.fsencode(n) for n in raw]
+    return raw
 
 
 def read_replicated(target: PathLike, *, dir_fd: int | None = None,
@@ -116,7 +121,10 @@ def read_replicated(target: PathLike, *, dir_fd: int | None = None,
     out: dict[bytes, bytes] = {}
     if scope == NONE:
         return out
-    for n in names(target, dir_fd=dir_fd):
+    for raw in _raw_names(target, dir_fd):
+        if raw.startswith(_OWN_STR):
+            continue  # georep's own (the gfid of every object): skipped before encoding
+        n = os.fsencode(raw)
         if replicated(n, scope):
             v = get(target, n, dir_fd=dir_fd)
             if v is not None:
