@@ -49,6 +49,7 @@ from bench.common import (
     REPO,
     BenchError,
     Run,
+    drop_caches,
     log,
     machine_info,
     median,
@@ -84,16 +85,6 @@ def read_counts(logfile: Path) -> dict[str, int]:
             tot["connections"] += 1
     tot["total"] = tot["up"] + tot["down"]
     return tot
-
-
-def drop_caches() -> bool:
-    os.sync()
-    try:
-        with open("/proc/sys/vm/drop_caches", "w") as f:
-            f.write("3\n")
-        return True
-    except OSError:
-        return False
 
 
 def rsync_argv(ssh: str, server: SshServer, src: Path, dst: Path, inplace: bool,

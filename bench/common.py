@@ -62,16 +62,28 @@ class BenchError(RuntimeError):
     """A benchmarked command failed or produced a wrong result."""
 
 
+def drop_caches() -> bool:
+    """``sync`` and drop the page cache, dentries and inodes (root only); False if refused."""
+    os.sync()
+    try:
+        with open("/proc/sys/vm/drop_caches", "w") as f:
+            f.write("3\n")
+        return True
+    except OSError:
+        return False
+
+
 def machine_busy_seconds() -> float:
-    """CPU-seconds every CPU of the machine has spent busy since boot (/proc/stat: all
-    but idle and iowait), or 0.0 where there is no /proc/stat."""
+    """CPU-seconds every CPU of the machine has spent busy since boot (/proc/stat: user,
+    nice, system, irq, softirq; not idle, iowait, or the time a hypervisor gave to other
+    guests), or 0.0 where there is no /proc/stat."""
     try:
         with open("/proc/stat", "rb") as f:
             fields = f.readline().split()[1:]
     except OSError:
         return 0.0
     ticks = [int(x) for x in fields]
-    busy = sum(ticks[:8]) - ticks[3] - ticks[4]  # user nice system idle iowait irq softirq steal
+    busy = sum(ticks[:7]) - ticks[3] - ticks[4]  # user nice system (idle iowait) irq softirq
     return busy / os.sysconf("SC_CLK_TCK")
 
 
