@@ -116,7 +116,8 @@ def error_to_wire(exc: BaseException) -> dict[str, Any]:
         type_name = "OSError"
         errno = exc.errno if isinstance(exc.errno, int) else None
         message = exc.strerror if errno is not None and exc.strerror else str(exc)
-        if errno is not None and exc.filename is not None:
+        if errno is not None and isinstance(exc.filename, str | bytes):
+            # (an int filename is the fd of an os call on a descriptor: noise to a reader)
             message = f"{message}: {exc.filename!r}"
     elif isinstance(exc, RemoteError):
         type_name, message = exc.type, exc.message

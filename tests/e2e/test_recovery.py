@@ -326,9 +326,21 @@ def test_fault_points_kill_and_a_rerun_converges(tmp_path: Path, point: str) -> 
 # -- secondary disk full ----------------------------------------------------------------------
 
 
+def _mount_loop(image: Path, mnt: Path) -> None:
+    m = subprocess.run(["mount", "-o", "loop,errors=continue", str(image), str(mnt)],
+                       capture_output=True, text=True)
+    if m.returncode != 0:
+        pytest.skip(f"loop devices unavailable: {m.stderr.strip()}")
+
+
+def _umount(mnt: Path) -> None:
+    subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
 @pytest.fixture
 def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A 64 MiB ext4 loop mount (skipped where loop devices or mount are unavailable)."""
+    """A 64 MiB ext4 loop mount (skipped where loop devices or mount are unavailable);
+    ``errors=continue``, so an error the file system finds does not turn it read-only."""
     if os.geteuid() != 0 or not shutil.which("mkfs.ext4"):
         pytest.skip("needs root and mkfs.ext4 for a loop-mounted ext4 image")
     image, mnt = tmp_path / "disk.img", tmp_path / "mnt"
@@ -338,14 +350,11 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
     mk = subprocess.run(["mkfs.ext4", "-q", "-F", str(image)], capture_output=True, text=True)
     if mk.returncode != 0:
         pytest.skip(f"mkfs.ext4 failed: {mk.stderr.strip()}")
-    m = subprocess.run(["mount", "-o", "loop", str(image), str(mnt)], capture_output=True,
-                       text=True)
-    if m.returncode != 0:
-        pytest.skip(f"loop devices unavailable: {m.stderr.strip()}")
+    _mount_loop(image, mnt)
     try:
         yield mnt
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+        _umount(mnt)
 
 
 def test_secondary_disk_full(tmp_path: Path, small_disk: Path) -> None:
@@ -376,6 +385,62 @@ def test_secondary_disk_full(tmp_path: Path, small_disk: Path) -> None:
     filler.unlink()
     converge(primary, secondary, state)
     assert ledger(state) == []
+
+
+# -- a secondary directory the file system cannot read ----------------------------------------
+
+
+def test_secondary_directory_corrupted_on_disk(tmp_path: Path, small_disk: Path) -> None:
+    """A secondary directory whose block is corrupt on disk (ext4 refuses to read it,
+    EBADMSG or EUCLEAN), while its inode is fine: the Crawler records "secondary cannot
+    list it" as a failure of that directory (exit 1, one line, no traceback), the rest of
+    the tree syncs, nothing is marked, the failure waits in the ledger, and once fsck has
+    repaired the file system the next run re-links the lost names by gfid and converges.
+    """
+    if not (shutil.which("debugfs") and shutil.which("e2fsck")):
+        pytest.skip("needs debugfs and e2fsck (e2fsprogs)")
+    primary, state = tmp_path / "p", tmp_path / "state"
+    secondary = small_disk / "replica"
+    image = tmp_path / "disk.img"
+    for d in ("a", "b"):
+        (primary / d).mkdir(parents=True)
+        for i in range(3):
+            (primary / d / f"f{i}").write_bytes(f"{d}{i}".encode() * 100)
+    converge(primary, secondary, state)
+    before = stime(primary)
+    # Fill the first block of the secondary's directory 'a' with 0xff, unmounted.
+    _umount(small_disk)
+    zap = subprocess.run(["debugfs", "-w", "-R", "zap_block -f /replica/a -p 255 0",
+                          str(image)], capture_output=True, text=True)
+    assert zap.returncode == 0, zap.stderr
+    _mount_loop(image, small_disk)
+    with pytest.raises(OSError):
+        os.listdir(secondary / "a")  # the kernel refuses the directory
+    for d in ("a", "b"):
+        (primary / d / "new").write_bytes(d.encode())
+
+    proc = run_sync(primary, secondary, state)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    failures = json.loads(proc.stdout)["failures"]
+    assert any("'a'" in f and "secondary cannot list it" in f for f in failures), failures
+    assert all("'b" not in f for f in failures), failures
+    last = proc.stderr.strip().splitlines()[-1]
+    assert "could not be synced" in last and "secondary cannot list it" in last, last
+    assert (secondary / "b" / "new").read_bytes() == b"b"  # the rest of the tree synced
+    assert stime(primary) == before  # no mark passes a failure
+    assert any("secondary cannot list it" in r.get("message", "") for r in ledger(state)), \
+        ledger(state)
+
+    # The admin repairs the file system; the next run finds 'a' emptied by fsck (its
+    # files' inodes live on through georep's gfid index) and puts every name back.
+    _umount(small_disk)
+    subprocess.run(["e2fsck", "-fy", str(image)], capture_output=True, text=True)
+    _mount_loop(image, small_disk)
+    summary = converge(primary, secondary, state)
+    assert summary["counters"].get("failures_cleared", 0) >= 1, summary["counters"]
+    assert ledger(state) == []
+    assert stime(primary) is not None and stime(primary) != before
 
 
 # -- primary root replaced by an empty directory -----------------------------------------------

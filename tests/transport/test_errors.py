@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 
 import msgpack
 
@@ -40,6 +41,19 @@ def test_oserror_keeps_errno_and_subclass() -> None:
     assert "caf" in str(back)
     back = through_wire(OSError(errno.EXDEV, "cross-device"))
     assert type(back) is OSError and back.errno == errno.EXDEV
+
+
+def test_oserror_on_a_descriptor_does_not_name_the_fd() -> None:
+    fd = os.open("/", os.O_PATH)
+    try:
+        os.listdir(fd)  # EBADF, and the exception's filename is the fd number
+    except OSError as e:
+        assert isinstance(e.filename, int)
+        back = through_wire(e)
+    finally:
+        os.close(fd)
+    assert back.errno == errno.EBADF
+    assert back.strerror == os.strerror(errno.EBADF), str(back)  # not "...: 7"
 
 
 def test_builtin_and_unknown_types() -> None:
