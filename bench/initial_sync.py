@@ -48,6 +48,7 @@ from bench.common import (
     log,
     machine_info,
     median,
+    read_tree,
     restore_georep_xattrs,
     rmtree,
     strip_georep_xattrs,
@@ -101,14 +102,9 @@ def verify(src: Path, dst: Path, what: str) -> None:
 
 
 def warm_up(src: Path) -> None:
-    """Read every file and inode once (GNU tar skips reading when writing to /dev/null)."""
+    """Read the tree once (:func:`bench.common.read_tree`) and start each tool once."""
     t0 = time.perf_counter()
-    tar = subprocess.Popen(["tar", "--xattrs", "--acls", "-cf", "-", "-C", str(src), "."],
-                           stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
-    assert tar.stdout is not None
-    while tar.stdout.read(1 << 20):
-        pass
-    tar.wait()
+    read_tree(src)
     subprocess.run([sys.executable, str(GEOREP_NODE), "--help"], stdout=subprocess.DEVNULL,
                    check=True)
     subprocess.run(["rsync", "--version"], stdout=subprocess.DEVNULL, check=True)

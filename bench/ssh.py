@@ -48,6 +48,7 @@ from bench.common import (
     log,
     machine_info,
     median,
+    read_tree,
     rmtree,
     strip_georep_xattrs,
     timed,
@@ -104,18 +105,13 @@ def report(what: str, run: Run, size: int | None = None) -> None:
     log(f"{what} {run.tool:14s} {run.seconds:7.2f} s wall, {run.cpu:6.2f} s cpu{rate}")
 
 
-def warm(path: Path) -> None:
-    """Read everything once so every tool starts with a warm page cache."""
-    os.system(f"tar -cf - -C {shlex.quote(str(path))} . | cat > /dev/null")
-
-
 def bench_tree(ns: argparse.Namespace, server: SshServer, work: Path,
                result: dict[str, Any]) -> dict[str, list[Run]]:
     src = work / "tree"
     runs: dict[str, list[Run]] = {t: [] for t in TREE_TOOLS}
     log(f"building the tree ({ns.entries} entries, {ns.data_mib} MiB of data) in {src}")
     result["tree"] = make_tree(src, entries=ns.entries, data_mib=ns.data_mib)
-    warm(src)
+    read_tree(src)
     for rep in range(ns.reps):
         tools = TREE_TOOLS if rep % 2 == 0 else tuple(reversed(TREE_TOOLS))
         for tool in tools:
@@ -127,7 +123,7 @@ def bench_tree(ns: argparse.Namespace, server: SshServer, work: Path,
                 # Every run from the same memory state: only the primary tree cached.
                 if not drop_caches():
                     raise BenchError("--drop-caches: cannot write /proc/sys/vm/drop_caches")
-                warm(src)
+                read_tree(src)
             if tool == "georep":
                 strip_georep_xattrs(src)
                 run = run_georep(tool, georep_cmd(server, src, dst))
@@ -156,7 +152,7 @@ def bench_big(ns: argparse.Namespace, server: SshServer, work: Path,
         for _ in range(ns.big_mib // 8):
             f.write(os.urandom(8 << 20))
     result["big_bytes"] = size
-    warm(src)
+    read_tree(src)
     runs: dict[str, list[Run]] = {t: [] for t in BIG_TOOLS}
     for rep in range(ns.reps):
         tools = BIG_TOOLS if rep % 2 == 0 else tuple(reversed(BIG_TOOLS))

@@ -47,6 +47,7 @@ from fsops.secondary_index import (
     check_name,
     hexname,
     lstat_if_present,
+    lstat_or_none,
     new_gfid,
 )
 
@@ -73,13 +74,6 @@ def type_of(mode: int) -> str:
 
 def _err(code: int, what: str) -> OSError:
     return OSError(code, f"{os.strerror(code)} ({what})")
-
-
-def _lstat(dir_fd: int, name: bytes) -> os.stat_result | None:
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
 
 
 _NEW_FILE_FLAGS = os.O_CREAT | os.O_EXCL | os.O_WRONLY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -289,7 +283,7 @@ class SecondaryFS:
             finally:
                 os.close(dfd)
         lname = hexname(gfid)
-        if _lstat(self.index.limbo_fd, lname) is not None:
+        if lstat_or_none(self.index.limbo_fd, lname) is not None:
             lname += b"." + new_gfid().hex()[:8].encode()
         t = self.index.dir_target(gfid)
         os.rename(name, lname, src_dir_fd=pfd, dst_dir_fd=self.index.limbo_fd)
@@ -340,7 +334,7 @@ class SecondaryFS:
         pfd = self.index.dir_fd(loc[0])
         if pfd is None:
             return None
-        st = _lstat(pfd, loc[1])
+        st = lstat_or_none(pfd, loc[1])
         fst = os.fstat(fd)
         if st is None or (st.st_ino, st.st_dev) != (fst.st_ino, fst.st_dev):
             return None
@@ -626,7 +620,7 @@ class SecondaryFS:
         pfd = self._parent(pgfid, name)
         if pfd is None:
             return "absent"
-        st = _lstat(pfd, name)
+        st = lstat_or_none(pfd, name)
         if st is None:
             return "absent"
         if gfid == NO_GFID:
@@ -652,12 +646,12 @@ class SecondaryFS:
             raise _err(errno.EINVAL, "reserved gfid")
         check_name(name)
         tpfd = self._need_parent(npgfid, nname)
-        tst = _lstat(tpfd, nname)
+        tst = lstat_or_none(tpfd, nname)
         tcur = self._gfid_at(tpfd, nname, tst, hint=gfid) if tst is not None else None
         if tcur == gfid:
             return "kept"
         spfd = self._parent(pgfid, name)
-        sst = _lstat(spfd, name) if spfd is not None else None
+        sst = lstat_or_none(spfd, name) if spfd is not None else None
         if spfd is not None and sst is not None \
                 and self._gfid_at(spfd, name, sst, hint=gfid) == gfid:
             stimes, ttimes = _times(spfd), _times(tpfd)
@@ -748,7 +742,7 @@ class SecondaryFS:
     def unlink(self, pgfid: bytes, name: bytes, gfid: bytes) -> str:
         """UNLINK a non-directory holding ``gfid``: deleted / absent / other."""
         pfd = self._parent(pgfid, name)
-        st = _lstat(pfd, name) if pfd is not None else None
+        st = lstat_or_none(pfd, name) if pfd is not None else None
         if st is not None and stat.S_ISDIR(st.st_mode):
             raise _err(errno.EISDIR, "is a directory")
         return self.delete(pgfid, name, gfid)
@@ -757,7 +751,7 @@ class SecondaryFS:
         """RMDIR: an empty directory is removed, a non-empty one goes to limbo."""
         check_gfid(gfid)
         pfd = self._parent(pgfid, name)
-        st = _lstat(pfd, name) if pfd is not None else None
+        st = lstat_or_none(pfd, name) if pfd is not None else None
         if pfd is None or st is None:
             return "absent"
         if not stat.S_ISDIR(st.st_mode):
@@ -925,7 +919,7 @@ class SecondaryFS:
 
     def _purge(self, pfd: int, name: bytes) -> int:
         """Remove ``name`` recursively through fds, dropping index entries it leaves dead."""
-        st = _lstat(pfd, name)
+        st = lstat_or_none(pfd, name)
         if st is None:
             return 0
         try:

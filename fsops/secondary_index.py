@@ -70,6 +70,14 @@ def check_gfid(gfid: object) -> bytes:
     return gfid
 
 
+def lstat_or_none(dir_fd: int, name: bytes) -> os.stat_result | None:
+    """lstat of ``name`` in ``dir_fd``, None when absent; for names usually present."""
+    try:
+        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return None
+
+
 def lstat_if_present(dir_fd: int, name: bytes) -> os.stat_result | None:
     """lstat of ``name`` in ``dir_fd``, None when absent; for names usually absent.
 
@@ -79,10 +87,7 @@ def lstat_if_present(dir_fd: int, name: bytes) -> os.stat_result | None:
     """
     if not os.access(name, os.F_OK, dir_fd=dir_fd, follow_symlinks=False):
         return None
-    try:
-        return os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
-    except FileNotFoundError:
-        return None
+    return lstat_or_none(dir_fd, name)
 
 
 def hexname(gfid: bytes) -> bytes:
@@ -340,12 +345,7 @@ class GfidIndex:
         d = self.idx_dir(gfid)
         if d is None:
             return None
-        if not likely:
-            return lstat_if_present(d, hexname(gfid))
-        try:
-            return os.stat(hexname(gfid), dir_fd=d, follow_symlinks=False)
-        except FileNotFoundError:
-            return None
+        return (lstat_or_none if likely else lstat_if_present)(d, hexname(gfid))
 
     def is_object(self, gfid: bytes, st: os.stat_result) -> bool:
         """Whether index entry ``st`` is a hardlink of the object itself.
