@@ -60,7 +60,7 @@ from bench.common import (
     update_section,
     write_results,
 )
-from bench.ssh import cat_cmd, georep_cmd, run_georep
+from bench.ssh import cat_cmd, georep_ciphers, georep_cmd, run_georep
 from tests.support.sshd import REMOTE_COMMAND, SshServer, sshd_missing, start_sshd
 
 SSHCOUNT = REPO / "bench" / "sshcount.py"
@@ -181,6 +181,8 @@ def bench_ceiling(ns: argparse.Namespace, server: SshServer, work: Path, src: Pa
     tools = ("dd-cold", "dd-warm", "ssh-pipe", "georep-warm", "georep-cold")
     runs: dict[str, list[Run]] = {t: [] for t in tools}
     result["drop_caches"] = drop_caches()
+    # The pipe with the cipher georep picks for this server (docs/ssh.md "Cipher").
+    result["georep_ciphers"] = aes = georep_ciphers(server)
     dd = ["dd", f"if={big}", "of=/dev/null", "bs=1M"]
     for rep in range(ns.reps):
         order = tools if rep % 2 == 0 else tuple(reversed(tools))
@@ -194,7 +196,7 @@ def bench_ceiling(ns: argparse.Namespace, server: SshServer, work: Path, src: Pa
             if tool.startswith("dd"):
                 r = timed(tool, dd)
             elif tool == "ssh-pipe":
-                r = timed(tool, cat_cmd(server, big, "cat > /dev/null"))
+                r = timed(tool, cat_cmd(server, big, "cat > /dev/null", aes))
             else:
                 dst = work / "ceiling-dst"
                 rmtree(dst)
@@ -240,7 +242,10 @@ def render(result: dict[str, Any], delta: dict[str, list[Run]] | None,
            f"`bench/results/{path.name}` (not committed).  Machine: {m['nproc']} CPUs "
            f"({m['cpu']}), {m['mem_gib']} GiB, {(m['filesystem'] or '?').split()[0]}, "
            f"kernel {m['kernel']}, Python {m['python']}, {m['rsync']}, "
-           f"{result['ssh_version']}; one private sshd on 127.0.0.1, default cipher.",
+           f"{result['ssh_version']}; one private sshd on 127.0.0.1. Cipher: the delta runs "
+           "go through bench/sshcount.py, a wrapper georep does not pick a cipher for, so "
+           "both tools use OpenSSH's default there; the ceiling's pipe uses the cipher georep "
+           f"picks ({result.get('georep_ciphers') or 'ssh default'}; docs/ssh.md \"Cipher\").",
            "",
            f"1-minute load average before the timed runs: {min(loads):.1f} to "
            f"{max(loads):.1f} on {m['nproc']} CPUs (a shared machine: other developers' test "

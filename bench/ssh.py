@@ -58,10 +58,13 @@ from bench.common import (
 from tests.support.compare import compare_trees
 from tests.support.sshd import REMOTE_COMMAND, SshServer, sshd_missing, start_sshd
 from tests.support.treegen import make_tree
+from transport.endpoint import Endpoint, ssh_base_argv
 
-TREE_TOOLS = ("georep", "rsync", "rsync-S")
+TREE_TOOLS = ("georep", "georep-chacha", "rsync", "rsync-aes", "rsync-S")
+#: OpenSSH's default cipher, which georep replaces by AES-GCM on a CPU with AES (docs/ssh.md).
+CHACHA = "chacha20-poly1305@openssh.com"
 BIG_TOOLS = ("georep", "ssh-cat-null", "ssh-cat-file", "ssh-cat-sync", "disk-write",
-             "georep-rsync", "georep-tarssh")
+             "georep-rsync", "georep-tarssh", "ssh-cat-null-default")
 
 
 def georep_cmd(server: SshServer, src: Path, dst: Path, *extra: str,
@@ -71,13 +74,20 @@ def georep_cmd(server: SshServer, src: Path, dst: Path, *extra: str,
             REMOTE_COMMAND, *extra]
 
 
-def rsync_cmd(server: SshServer, src: Path, dst: Path, sparse: bool) -> list[str]:
+def georep_ciphers(server: SshServer) -> str:
+    """The cipher option georep adds to ``server.ssh_command()`` here ("" when none)."""
+    argv = ssh_base_argv(Endpoint("/", server.host, server.user), ssh_command=server.ssh_command())
+    return "".join(f" {a}" for a in argv if a.startswith("-oCiphers="))
+
+
+def rsync_cmd(server: SshServer, src: Path, dst: Path, sparse: bool,
+              ssh_extra: str = "") -> list[str]:
     return ["rsync", "-aHAXS" if sparse else "-aHAX", "--numeric-ids", "-e",
-            server.ssh_command(), f"{src}/", f"{server.user}@{server.host}:{dst}/"]
+            server.ssh_command() + ssh_extra, f"{src}/", f"{server.user}@{server.host}:{dst}/"]
 
 
-def cat_cmd(server: SshServer, src: Path, remote: str) -> list[str]:
-    pipe = (f"cat {shlex.quote(str(src))} | {server.ssh_command()} "
+def cat_cmd(server: SshServer, src: Path, remote: str, ssh_extra: str = "") -> list[str]:
+    pipe = (f"cat {shlex.quote(str(src))} | {server.ssh_command()}{ssh_extra} "
             f"{server.user}@{server.host} {shlex.quote(remote)}")
     return ["sh", "-c", pipe]
 
@@ -108,12 +118,16 @@ def report(what: str, run: Run, size: int | None = None) -> None:
 def bench_tree(ns: argparse.Namespace, server: SshServer, work: Path,
                result: dict[str, Any]) -> dict[str, list[Run]]:
     src = work / "tree"
-    runs: dict[str, list[Run]] = {t: [] for t in TREE_TOOLS}
+    aes = georep_ciphers(server)
+    result["georep_ciphers"] = aes.strip()
+    # Without AES instructions georep keeps ssh's default: the cipher variants are the same.
+    tree_tools = TREE_TOOLS if aes else ("georep", "rsync", "rsync-S")
+    runs: dict[str, list[Run]] = {t: [] for t in tree_tools}
     log(f"building the tree ({ns.entries} entries, {ns.data_mib} MiB of data) in {src}")
     result["tree"] = make_tree(src, entries=ns.entries, data_mib=ns.data_mib)
     read_tree(src)
     for rep in range(ns.reps):
-        tools = TREE_TOOLS if rep % 2 == 0 else tuple(reversed(TREE_TOOLS))
+        tools = tree_tools if rep % 2 == 0 else tuple(reversed(tree_tools))
         for tool in tools:
             # A new directory per run, earlier copies kept until the end (deleting 20,000
             # inodes just before a run slows inode allocation on journal-less ext4).
@@ -124,17 +138,20 @@ def bench_tree(ns: argparse.Namespace, server: SshServer, work: Path,
                 if not drop_caches():
                     raise BenchError("--drop-caches: cannot write /proc/sys/vm/drop_caches")
                 read_tree(src)
-            if tool == "georep":
+            if tool.startswith("georep"):
                 strip_georep_xattrs(src)
-                run = run_georep(tool, georep_cmd(server, src, dst))
+                extra = (["--ssh-command", f"{server.ssh_command()} -c {CHACHA}"]
+                         if tool == "georep-chacha" else [])
+                run = run_georep(tool, georep_cmd(server, src, dst, *extra))
             else:
                 os.sync()
-                run = timed(tool, rsync_cmd(server, src, dst, sparse=tool == "rsync-S"))
+                run = timed(tool, rsync_cmd(server, src, dst, sparse=tool == "rsync-S",
+                                            ssh_extra=aes if tool == "rsync-aes" else ""))
             runs[tool].append(run)
             report(f"tree rep {rep + 1}/{ns.reps}", run)
             if tool == "georep" and rep == 0:
                 verify(src, dst, "georep's first sync over ssh")
-    for tool in TREE_TOOLS:
+    for tool in tree_tools:
         for rep in range(ns.reps):
             rmtree(work / f"dst-{tool}-{rep + 1}")
     rmtree(src)
@@ -153,6 +170,8 @@ def bench_big(ns: argparse.Namespace, server: SshServer, work: Path,
             f.write(os.urandom(8 << 20))
     result["big_bytes"] = size
     read_tree(src)
+    aes = georep_ciphers(server)
+    result["georep_ciphers"] = aes.strip()
     runs: dict[str, list[Run]] = {t: [] for t in BIG_TOOLS}
     for rep in range(ns.reps):
         tools = BIG_TOOLS if rep % 2 == 0 else tuple(reversed(BIG_TOOLS))
@@ -175,9 +194,13 @@ def bench_big(ns: argparse.Namespace, server: SshServer, work: Path,
             else:
                 dest = shlex.quote(str(dst / 'big.bin'))
                 remote = {"ssh-cat-null": "cat > /dev/null", "ssh-cat-file": f"cat > {dest}",
-                          "ssh-cat-sync": f"cat > {dest} && sync {dest}"}[tool]
+                          "ssh-cat-sync": f"cat > {dest} && sync {dest}",
+                          "ssh-cat-null-default": "cat > /dev/null"}[tool]
                 os.sync()
-                run = timed(tool, cat_cmd(server, big, remote))
+                # The pipe with georep's cipher (the ceiling georep is held to), and once
+                # with OpenSSH's default for reference.
+                run = timed(tool, cat_cmd(server, big, remote,
+                                          "" if tool == "ssh-cat-null-default" else aes))
             runs[tool].append(run)
             report(f"big  rep {rep + 1}/{ns.reps}", run, size)
             rmtree(dst)
@@ -213,8 +236,8 @@ def render(result: dict[str, Any], tree: dict[str, list[Run]] | None,
            f"`{results_path}` (not committed).",
            "",
            "One private sshd on 127.0.0.1 (tests/support/sshd.py), the same ssh options for "
-           "every tool (`ssh -F /dev/null -i KEY -p PORT -o StrictHostKeyChecking=no ...`, "
-           f"OpenSSH default cipher). Machine: {m['nproc']} CPUs ({m['cpu']}), "
+           "every tool (`ssh -F /dev/null -i KEY -p PORT -o StrictHostKeyChecking=no ...`; "
+           f"the cipher is said per table). Machine: {m['nproc']} CPUs ({m['cpu']}), "
            f"{m['mem_gib']} GiB, {m['filesystem'].split()[0] if m['filesystem'] else '?'}, "
            f"Python {m['python']}, {m['rsync']}. Medians of wall time; CPU = user + sys of "
            "the command and its children (the ssh client and, for rsync, its local "
@@ -223,9 +246,13 @@ def render(result: dict[str, Any], tree: dict[str, list[Run]] | None,
            "busy time of all CPUs during the run (/proc/stat): both ends, the kernel's "
            "writeback, and anything else that ran.",
            ""]
+    aes = result.get("georep_ciphers") or ""
+    cipher_note = (f"georep offers AES-GCM first here (`{aes}`, docs/ssh.md \"Cipher\"); "
+                   f"OpenSSH's own default is `{CHACHA}`" if aes else
+                   "no AES instructions: georep keeps OpenSSH's default cipher")
     if tree:
         t = result["tree"]
-        g, r, rs = _med(tree["georep"]), _med(tree["rsync"]), _med(tree["rsync-S"])
+        g = _med(tree["georep"])
         out += [f"**Initial sync of the treegen tree** ({t['entries']} entries, "
                 f"{t.get('data_bytes', 0) / 2**20:.0f} MiB of data in "
                 f"{t['files']} files ({t.get('media_files', 0)} of them of 64 KiB to 48 MiB "
@@ -236,25 +263,43 @@ def render(result: dict[str, Any], tree: dict[str, list[Run]] | None,
                    if result["params"].get("drop_caches") else
                    "every copy stays until the end, and in the page cache for what it "
                    "wrote through it (rsync: all of its data; georep: files under 1 MiB)")
-                + ":",
+                + f". Cipher: {cipher_note}. The issue's reference is `rsync -aHAX "
+                "--numeric-ids` as a user runs it (ssh's default cipher); the rows with the "
+                "other cipher separate what the cipher gives from what georep itself does:",
                 "",
-                "| n | georep (native) | rsync -aHAX | georep / rsync -aHAX | rsync -aHAXS | "
-                "georep / rsync -aHAXS | CPU here georep / rsync / rsync -S | "
-                "CPU whole machine georep / rsync / rsync -S |",
-                "|---:|---:|---:|---:|---:|---:|---:|---:|",
-                f"| {len(tree['georep'])} | {fmt_s(g)} | {fmt_s(r)} | {fmt_ratio(g, r)} | "
-                f"{fmt_s(rs)} | {fmt_ratio(g, rs)} | "
-                f"{_cpu(tree['georep']) or 0:.2f} / {_cpu(tree['rsync']) or 0:.2f} / "
-                f"{_cpu(tree['rsync-S']) or 0:.2f} s | "
-                f"{_mcpu(tree['georep']):.2f} / {_mcpu(tree['rsync']):.2f} / "
-                f"{_mcpu(tree['rsync-S']):.2f} s |",
-                ""]
+                "| tool | ssh cipher | n | wall | georep / this | CPU here | CPU whole machine |",
+                "|---|---|---:|---:|---:|---:|---:|"]
+        rows = {"georep": ("georep (native), as shipped", "AES-GCM" if aes else "default"),
+                "georep-chacha": ("georep (native), `-c` " + CHACHA.split("@")[0],
+                                  "chacha20 (OpenSSH default)"),
+                "rsync": ("rsync -aHAX --numeric-ids", "chacha20 (OpenSSH default)"
+                          if aes else "default"),
+                "rsync-aes": ("rsync -aHAX --numeric-ids, georep's cipher", "AES-GCM"),
+                "rsync-S": ("rsync -aHAXS --numeric-ids", "chacha20 (OpenSSH default)"
+                            if aes else "default")}
+        for tool, (name, cipher) in rows.items():
+            if tool not in tree:
+                continue
+            m_ = _med(tree[tool])
+            out.append(f"| {name} | {cipher} | {len(tree[tool])} | {fmt_s(m_)} | "
+                       f"{'-' if tool == 'georep' else fmt_ratio(g, m_)} | "
+                       f"{_cpu(tree[tool]) or 0:.2f} s | {_mcpu(tree[tool]):.2f} s |")
+        if "rsync-aes" in tree:
+            out += ["", "Same cipher on both sides: georep / rsync -aHAX = "
+                    f"{fmt_ratio(g, _med(tree['rsync-aes']))} with AES-GCM, "
+                    f"{fmt_ratio(_med(tree['georep-chacha']), _med(tree['rsync']))} with "
+                    "chacha20. Per repetition, georep / rsync -aHAX: " + ", ".join(
+                        f"{a.seconds / b.seconds:.2f}"
+                        for a, b in zip(tree["georep"], tree["rsync"], strict=False)) + "."]
+        out.append("")
     if big:
         size = result["big_bytes"]
         ref, durable = _med(big["ssh-cat-null"]), _med(big["ssh-cat-sync"])
         out += [f"**One {size >> 20} MiB file of random data** (not sparse), into an empty "
                 "remote directory (georep: whole command, start-up and commit included; "
-                "like `sync DEST`, it returns only once the data is on the secondary's disk):",
+                "like `sync DEST`, it returns only once the data is on the secondary's disk). "
+                f"Cipher: {cipher_note}; the `cat | ssh` rows use georep's, the last row "
+                "OpenSSH's default:",
                 "",
                 "| tool | n | wall | throughput | % of `cat \\| ssh 'cat > /dev/null'` |"
                 " % of `ssh 'cat > DEST && sync DEST'` | CPU here | CPU whole machine |",
@@ -264,9 +309,12 @@ def render(result: dict[str, Any], tree: dict[str, list[Run]] | None,
                  "ssh-cat-null": "`cat FILE \\| ssh HOST 'cat > /dev/null'`",
                  "ssh-cat-file": "`cat FILE \\| ssh HOST 'cat > DEST'`",
                  "ssh-cat-sync": "`cat FILE \\| ssh HOST 'cat > DEST && sync DEST'`",
-                 "disk-write": "`dd if=FILE of=DEST bs=1M conv=fdatasync` (no ssh: the disk)"}
-        for tool in ("georep", "ssh-cat-null", "ssh-cat-file", "ssh-cat-sync", "disk-write",
-                     "georep-rsync", "georep-tarssh"):
+                 "disk-write": "`dd if=FILE of=DEST bs=1M conv=fdatasync` (no ssh: the disk)",
+                 "ssh-cat-null-default": "`cat FILE \\| ssh HOST 'cat > /dev/null'`, "
+                                         "OpenSSH's default cipher"}
+        for tool in BIG_TOOLS:
+            if tool not in big:
+                continue
             s = _med(big.get(tool, []))
             pct = "-" if not s or not ref else f"{ref / s * 100:.0f} %"
             dpct = "-" if not s or not durable else f"{durable / s * 100:.0f} %"

@@ -8,8 +8,11 @@ start that process.
 
 from __future__ import annotations
 
+import functools
+import os
 import re
 import shlex
+import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,7 +108,67 @@ def ssh_base_argv(ep: Endpoint, *, ssh_command: str = "ssh") -> list[str]:
         argv += ["-p", str(ep.port)]
     if ep.user:
         argv += ["-l", ep.user]
-    return argv
+    return [*argv, *cipher_options(tuple(argv), ep.host or "")]
+
+
+#: OpenSSH's own client cipher list (unchanged since 6.9; 9.x still ships it).
+OPENSSH_DEFAULT_CIPHERS = ("chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr,"
+                           "aes128-gcm@openssh.com,aes256-gcm@openssh.com")
+#: The same six ciphers, AES-GCM first: what georep asks for on a CPU with AES instructions.
+AES_FIRST_CIPHERS = ("aes128-gcm@openssh.com,aes256-gcm@openssh.com,"
+                     "chacha20-poly1305@openssh.com,aes128-ctr,aes192-ctr,aes256-ctr")
+
+
+def cpu_has_aes(cpuinfo: str | None = None) -> bool:
+    """True when this CPU has AES instructions (x86 ``aes`` flag, arm64 ``aes`` feature)."""
+    if cpuinfo is None:
+        try:
+            with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+                cpuinfo = f.read()
+        except OSError:
+            return False
+    for line in cpuinfo.splitlines():
+        key, _, value = line.partition(":")
+        if key.strip() in ("flags", "Features"):
+            return "aes" in value.split()
+    return False
+
+
+def choose_ciphers(configured: str | None, has_aes: bool) -> tuple[str, ...]:
+    """The ``-oCiphers`` option to add, given what ``ssh -G`` reports: none or one.
+
+    Only when nobody chose ciphers (ssh's effective list is OpenSSH's own default: no
+    ``-c`` in ``--ssh-command``, no ``Ciphers`` in any ssh_config or crypto policy) and
+    the CPU has AES instructions: then the same six ciphers are offered with AES-GCM
+    first.  The set offered is unchanged, so a server that allows only
+    chacha20-poly1305 still agrees on it.
+    """
+    if has_aes and configured == OPENSSH_DEFAULT_CIPHERS:
+        return (f"-oCiphers={AES_FIRST_CIPHERS}",)
+    return ()
+
+
+@functools.lru_cache(maxsize=8)
+def cipher_options(argv: tuple[str, ...], host: str) -> tuple[str, ...]:
+    """``choose_ciphers`` for this ssh command line and host (``ssh -G``: no connection).
+
+    OpenSSH's default, chacha20-poly1305, is the better choice only without AES
+    instructions; with them, AES-GCM costs the ssh client and sshd about a third less
+    CPU per byte, which on a small host is most of the cost of a large transfer
+    (BENCHMARKS.md, "What bounds georep over ssh").  A client that is not ``ssh`` itself
+    (a wrapper script might connect when given ``-G``) and any failure of ``ssh -G``
+    leave ssh's choice alone.
+    """
+    if not host or not argv or os.path.basename(argv[0]) != "ssh" or not cpu_has_aes():
+        return ()
+    try:
+        out = subprocess.run([*argv, "-G", "--", host], capture_output=True, text=True,
+                             timeout=5, stdin=subprocess.DEVNULL, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ()
+    configured = next((line.split(None, 1)[1] for line in out.splitlines()
+                       if line.startswith("ciphers ") and " " in line), None)
+    return choose_ciphers(configured, True)
 
 
 def session_ssh_command(ssh_command: str, *, compress: bool = False) -> str:

@@ -16,10 +16,18 @@ import pytest
 
 from tests.e2e.helpers import wait_for
 from tests.support.compare import compare_trees
-from tests.support.sshd import REMOTE_COMMAND, REPO, SshServer, keygen, spare_port
+from tests.support.sshd import (
+    REMOTE_COMMAND,
+    REPO,
+    SshServer,
+    keygen,
+    spare_port,
+    sshd_missing,
+    start_sshd,
+)
 from tests.support.treegen import apply_changes, make_tree
 from transport import LockedError, spawn_local
-from transport.endpoint import local_host_argv
+from transport.endpoint import cpu_has_aes, local_host_argv
 
 GEOREP = [sys.executable, str(REPO / "bin" / "georep-node")]
 
@@ -247,6 +255,32 @@ def test_reconnect_after_ssh_is_killed(sshd: SshServer, tree: Path, tmp_path: Pa
     assert "reconnecting" in err
     assert json.loads(out)["counters"]["reconnects"] == 1
     assert compare_trees(tree, secondary) == []
+
+
+def _negotiated(log: Path) -> list[str]:
+    """The client->server ciphers sshd agreed on (its DEBUG1 ``kex:`` lines)."""
+    return [line.split("cipher:", 1)[1].split()[0] for line in log.read_text().splitlines()
+            if "kex: client->server cipher:" in line]
+
+
+@pytest.mark.skipif(sshd_missing() is not None or not cpu_has_aes(),
+                    reason="needs a real sshd and a CPU with AES instructions")
+@pytest.mark.parametrize(("server_ciphers", "client_option", "expected"), [
+    ("", "", "aes128-gcm@openssh.com"),  # nobody chose: georep puts AES-GCM first
+    ("Ciphers chacha20-poly1305@openssh.com\n", "", "chacha20-poly1305@openssh.com"),
+    ("", " -c aes256-ctr", "aes256-ctr"),  # the user chose: georep adds nothing
+])
+def test_cipher_negotiated(tmp_path: Path, server_ciphers: str, client_option: str,
+                           expected: str) -> None:
+    primary, secondary = tmp_path / "p", tmp_path / "s"
+    make_tree(primary, entries=200, big_sparse=False, big_dir_files=0)
+    with start_sshd(tmp_path / "sshd", extra_config=f"LogLevel DEBUG1\n{server_ciphers}") as srv:
+        proc = run("sync", primary, scp_spec(srv, secondary), "--once", "--json",
+                   "--ssh-command", srv.ssh_command() + client_option,
+                   "--remote-command", REMOTE_COMMAND)
+        assert proc.returncode == 0, proc.stderr
+        assert compare_trees(primary, secondary) == []
+        assert _negotiated(srv.log) == [expected]
 
 
 def test_secondary_exits_after_silence(tmp_path: Path) -> None:

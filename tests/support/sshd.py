@@ -79,8 +79,13 @@ def _wait_port(port: int, proc: subprocess.Popen[bytes], log: Path, timeout: flo
 
 
 @contextmanager
-def start_sshd(workdir: Path, *, timeout: float = 20.0) -> Iterator[SshServer]:
-    """Run a test sshd in ``workdir`` for the duration of the ``with`` block."""
+def start_sshd(workdir: Path, *, timeout: float = 20.0,
+               extra_config: str = "") -> Iterator[SshServer]:
+    """Run a test sshd in ``workdir`` for the duration of the ``with`` block.
+
+    ``extra_config`` lines go first (sshd keeps the first value of a keyword), e.g.
+    ``"LogLevel DEBUG1\n"``.
+    """
     workdir.mkdir(parents=True, exist_ok=True)
     os.makedirs("/run/sshd", mode=0o755, exist_ok=True)  # privilege separation directory
     host_key = keygen(workdir / "ssh_host_ed25519_key")
@@ -91,7 +96,7 @@ def start_sshd(workdir: Path, *, timeout: float = 20.0) -> Iterator[SshServer]:
     restricted.write_text("")
     port = spare_port()
     config = workdir / "sshd_config"
-    config.write_text(f"""\
+    config.write_text(f"""{extra_config}\
 Port {port}
 ListenAddress 127.0.0.1
 HostKey {host_key}
