@@ -303,7 +303,9 @@ def _add_sync(sub: Any) -> None:
     s.add_argument("--ssh-command", default="ssh", metavar="CMD",
                    help="the ssh client and its options for a remote SECONDARY, e.g. "
                    "\"ssh -p 2222 -i ~/.ssh/georep -o ...\" (default: %(default)s; georep adds "
-                   "BatchMode, ConnectTimeout and ServerAliveInterval; see docs/ssh.md)")
+                   "BatchMode, ConnectTimeout and ServerAliveInterval, and on a CPU with AES puts "
+                   "AES-GCM first in the cipher list unless ciphers were chosen, e.g. with "
+                   "-c; see docs/ssh.md)")
     s.add_argument("--remote-command", default="georep-node", metavar="CMD",
                    help="how to run georep-node on the secondary host, as a shell command "
                    "(default: %(default)s, found in the remote PATH)")
