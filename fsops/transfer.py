@@ -26,6 +26,9 @@ FileRangeOf = Callable[[int, int, int], Any]
 
 #: Outstanding data_write/data_hole requests before waiting for the oldest reply.
 MAX_OUTSTANDING = 16
+#: How far ahead of what is being sent the kernel is asked to read a file (see _read_ahead).
+READ_AHEAD = 32 << 20
+_ADVISE_PIECE = 1 << 20
 #: Upper bound of blocks per data_sigs request (keeps a reply <= 1 MiB of signatures).
 MAX_SIGS_PER_REQUEST = 65536
 
@@ -69,6 +72,32 @@ class _Sender:
         # Coalescing runs [start, end) of blocks still to write / to punch.
         self.w_start = self.w_end = 0
         self.h_start = self.h_end = 0
+        #: End of what the kernel was asked to read ahead (see _read_ahead).
+        self.advised = 0
+
+    def _read_ahead(self, offset: int, end: int) -> None:
+        """Keep the kernel reading up to READ_AHEAD bytes past ``offset`` (not past ``end``).
+
+        A data write only reads its bytes when the transport writes the frame, one MiB
+        at a time, and the kernel's own readahead does not keep a cold file ahead of
+        that: sending a 1 GiB file that was not cached took ~1.5 s longer than a cached
+        one over ssh on the benchmark VM, and as long as a cached one with this.
+        ``POSIX_FADV_WILLNEED`` starts the reads and returns; asked again each MiB, the
+        window slides.  A hint: errors are ignored.
+        """
+        stop = min(end, offset + READ_AHEAD)
+        start = max(offset, self.advised)
+        if stop - start < (1 << 20) and stop < end:
+            return
+        # In pieces: the kernel reads at most its readahead size (read_ahead_kb) per call.
+        while start < stop:
+            n = min(stop - start, _ADVISE_PIECE)
+            try:
+                os.posix_fadvise(self.fd, start, n, os.POSIX_FADV_WILLNEED)
+            except OSError:
+                break
+            start += n
+        self.advised = stop
 
     def _submit(self, method: str, args: dict, payload: bytes | None) -> None:
         while len(self.pending) >= MAX_OUTSTANDING:
@@ -99,6 +128,7 @@ class _Sender:
             # shrank meanwhile is padded, and caught by the FileChanged check).
             while offset < end:
                 n = min(self.max_write, end - offset)
+                self._read_ahead(offset, end)
                 self._submit("data_write", {"gfid": self.gfid, "offset": offset},
                              self.file_range(self.fd, offset, n))
                 self.stats.writes += 1
@@ -106,6 +136,7 @@ class _Sender:
                 offset += n
             return
         while offset < end:
+            self._read_ahead(offset, end)
             data = os.pread(self.fd, min(self.max_write, end - offset), offset)
             if not data:
                 return  # the file shrank: caught by the FileChanged check

@@ -10,6 +10,7 @@ import concurrent.futures
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -566,3 +567,66 @@ def test_delta_frees_a_tail_block_that_became_a_hole(tmp_path: Path) -> None:
     _push(src, dst)
     assert dst.read_bytes() == src.read_bytes()
     assert os.stat(dst).st_blocks <= os.stat(src).st_blocks
+
+
+def _resident(path: Path) -> list[bool]:
+    """Which pages of ``path`` are in the page cache (``mincore(2)`` of a mapping)."""
+    import ctypes
+    import mmap
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    size = path.stat().st_size
+    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
+    vec = (ctypes.c_ubyte * pages)()
+    # A shared writable mapping (ctypes needs a writable buffer for its address); nothing
+    # is written, and mapping a file reads none of it.
+    with open(path, "r+b") as f, mmap.mmap(f.fileno(), size) as m:
+        first = ctypes.c_char.from_buffer(m)
+        try:
+            if libc.mincore(ctypes.c_void_p(ctypes.addressof(first)), ctypes.c_size_t(size),
+                            vec) != 0:
+                pytest.skip(f"mincore: {os.strerror(ctypes.get_errno())}")
+        finally:
+            del first
+    return [bool(b & 1) for b in vec]
+
+
+def _evict(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize("file_range", [False, True], ids=["pread", "splice"])
+def test_a_cold_file_is_read_ahead_of_the_writes(tmp_path: Path, file_range: bool) -> None:
+    """When the first data_write is submitted, the kernel has already been asked for the
+    next READ_AHEAD bytes: they are in the page cache (or on their way into it)."""
+    src, dst = tmp_path / "src", tmp_path / "dst"
+    size = 24 * MiB
+    _rand_file(src, size)
+    _evict(src)
+    if any(_resident(src)[256:]):  # e.g. tmpfs: nothing to evict, nothing to observe
+        pytest.skip("the file system keeps this file cached")
+    seen: list[list[bool]] = []
+
+    def hook(method: str, args: dict) -> None:
+        if method == "data_write" and args["offset"] == 0:
+            # mincore counts a page once its read completed: give the disk a moment
+            # (nothing else reads this file while we wait).
+            deadline = time.monotonic() + 10
+            while not all(ahead := _resident(src)[(12 * MiB) // 4096:]) and (
+                    time.monotonic() < deadline):
+                time.sleep(0.01)
+            seen.append(ahead)
+
+    # The transport reads a FileRange when it writes the frame; here that is at once.
+    stats, _ = _push(src, dst, full=True, hook=hook,
+                     file_range=(lambda fd, off, n: os.pread(fd, n, off)) if file_range else None)
+    assert _same(src, dst) and stats.writes == 24
+    # The first MiB was read by then, and the kernel's own readahead may have added a few
+    # MiB after it; from 12 MiB on, only an explicit request puts pages there this early.
+    ahead = seen[0]
+    assert all(ahead), f"{ahead.count(False)} of {len(ahead)} pages past 12 MiB not read ahead"
