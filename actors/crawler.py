@@ -54,6 +54,9 @@ PREFETCH = 16
 ADD_SLICE = 1024
 #: Largest file content put inline in an op (the protocol's limit for ``data``).
 INLINE_HARD_MAX = 1 << 20
+#: Small files opened, and their reads started, at once before any is read (see
+#: ``_open_ahead``).
+READ_WINDOW = 64
 
 
 @dataclass(slots=True)
@@ -481,32 +484,25 @@ class Crawler(Inspectable, pykka.ThreadingActor):
         return todos, listings
 
     def _read_inline(self, dir_fd: int, relpath: bytes, plan: Plan) -> None:
-        """Attach the content of small files to their ensure ops (dropping vanished ones)."""
+        """Attach the content of small files to their ensure ops (dropping vanished ones).
+
+        The files are taken ``READ_WINDOW`` at a time: all opened and their reads started
+        (``_open_ahead``) before the first is read, so that a tree that is not in the
+        page cache is read with many requests in flight instead of one file at a time.
+        """
         drop: list[int] = []
-        for i in plan.want_data:
-            op = plan.ops[i]
+        want = plan.want_data
+        for w in range(0, len(want), READ_WINDOW):
+            window = want[w:w + READ_WINDOW]
+            opened = _open_ahead(dir_fd, [plan.ops[i]["name"] for i in window])
             try:
-                check_read(_join(relpath, op["name"]))  # test-only fault point
-                data, st = _read_small(dir_fd, op["name"], op["gfid"])
-            except OSError as e:
-                self.ledger.fail("data", "read", _join(relpath, op["name"]), op["gfid"],
-                                 e.errno, e.strerror or str(e), pgfid=op.get("pgfid"))
-                drop.append(i)
-                continue
-            if data is None or st is None:
-                drop.append(i)  # replaced or removed since listed: seen by the next pass
-                continue
-            if len(data) > INLINE_HARD_MAX or _has_hole(dir_fd, op["name"], st):
-                # It grew since we listed it, or it has holes (inline data would fill them):
-                # the data path sends its extents after the ensure, then applies its meta.
-                # The ensure must not carry the meta: an mtime set before the data would
-                # make a kept file look already up to date.
-                plan.data.append(DataJob(_refresh(op, st), _join(relpath, op["name"]), None, i,
-                                         pgfid=op["pgfid"]))
-                op.pop("meta", None)
-                continue
-            op["data"] = data
-            op["meta"]["mtime"], op["meta"]["atime"] = st.st_mtime_ns, st.st_atime_ns
+                for i, fd in zip(window, opened, strict=True):
+                    if not self._read_one(dir_fd, relpath, plan, i, fd):
+                        drop.append(i)
+            finally:
+                for fd in opened:
+                    if fd is not None:
+                        os.close(fd)
         if drop:
             keep = [i for i in range(len(plan.ops)) if i not in set(drop)]
             remap = {old: new for new, old in enumerate(keep)}
@@ -514,6 +510,33 @@ class Crawler(Inspectable, pykka.ThreadingActor):
             for job in plan.data:
                 if job.ensure_index is not None:
                     job.ensure_index = remap.get(job.ensure_index)
+
+    def _read_one(self, dir_fd: int, relpath: bytes, plan: Plan, i: int,
+                  fd: int | None) -> bool:
+        """Inline the content of ``plan.ops[i]`` (read from ``fd`` when it was opened
+        ahead), or turn it into a data job; False when the op must be dropped."""
+        op = plan.ops[i]
+        try:
+            check_read(_join(relpath, op["name"]))  # test-only fault point
+            data, st = _read_small(dir_fd, op["name"], op["gfid"], fd)
+        except OSError as e:
+            self.ledger.fail("data", "read", _join(relpath, op["name"]), op["gfid"],
+                             e.errno, e.strerror or str(e), pgfid=op.get("pgfid"))
+            return False
+        if data is None or st is None:
+            return False  # replaced or removed since listed: seen by the next pass
+        if len(data) > INLINE_HARD_MAX or _has_hole(dir_fd, op["name"], st):
+            # It grew since we listed it, or it has holes (inline data would fill them):
+            # the data path sends its extents after the ensure, then applies its meta.
+            # The ensure must not carry the meta: an mtime set before the data would
+            # make a kept file look already up to date.
+            plan.data.append(DataJob(_refresh(op, st), _join(relpath, op["name"]), None, i,
+                                     pgfid=op["pgfid"]))
+            op.pop("meta", None)
+            return True
+        op["data"] = data
+        op["meta"]["mtime"], op["meta"]["atime"] = st.st_mtime_ns, st.st_atime_ns
+        return True
 
 
 def _refresh(op: dict[str, Any], st: os.stat_result) -> Entry:
@@ -549,16 +572,55 @@ def _join(relpath: bytes, name: bytes) -> bytes:
     return relpath + b"/" + name if relpath else name
 
 
-def _read_small(dir_fd: int, name: bytes,
-                gfid: bytes) -> tuple[bytes | None, os.stat_result | None]:
-    """Content of a small file if it is still ``gfid``; re-read if it changed meanwhile."""
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOATIME
+_SMALL_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC | os.O_NOATIME
+
+
+def _open_small(dir_fd: int, name: bytes) -> int:
+    """Open a file to read it inline: never following a symlink, never blocking on a
+    FIFO that took the name, without touching its atime where we may."""
     try:
-        fd = os.open(name, flags, dir_fd=dir_fd)
+        return os.open(name, _SMALL_FLAGS, dir_fd=dir_fd)
     except PermissionError:
-        fd = os.open(name, flags & ~os.O_NOATIME, dir_fd=dir_fd)
-    except FileNotFoundError:
-        return None, None
+        return os.open(name, _SMALL_FLAGS & ~os.O_NOATIME, dir_fd=dir_fd)
+
+
+def _open_ahead(dir_fd: int, names: list[bytes]) -> list[int | None]:
+    """Open ``names`` and ask the kernel to start reading each (``POSIX_FADV_WILLNEED``).
+
+    Reading small files one after the other from a cold cache waits for the disk once
+    per file; starting all reads first lets the device work on many at once (19,159
+    small files of the benchmark tree, read cold on this VM: 1.6-1.9 s one at a time,
+    0.33-0.38 s this way).  A name that cannot be opened here gets None: ``_read_small``
+    opens it again and reports what happens then.
+    """
+    fds: list[int | None] = []
+    for name in names:
+        try:
+            fd = _open_small(dir_fd, name)
+        except OSError:
+            fds.append(None)
+            continue
+        fds.append(fd)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+        except OSError:
+            pass  # not a regular file any more (_read_small checks), or no advice here
+    return fds
+
+
+def _read_small(dir_fd: int, name: bytes, gfid: bytes,
+                opened: int | None = None) -> tuple[bytes | None, os.stat_result | None]:
+    """Content of a small file if it is still ``gfid``; re-read if it changed meanwhile.
+
+    ``opened``: the file already open (by ``_open_ahead``; the caller closes it).
+    """
+    if opened is not None:
+        fd = opened
+    else:
+        try:
+            fd = _open_small(dir_fd, name)
+        except FileNotFoundError:
+            return None, None
     try:
         for _ in range(3):
             st0 = os.fstat(fd)
@@ -586,4 +648,5 @@ def _read_small(dir_fd: int, name: bytes,
         # Stamping the last mtime on content read before it would hide the change forever.
         raise OSError(errno.EAGAIN, "file kept changing while being read")
     finally:
-        os.close(fd)
+        if opened is None:
+            os.close(fd)

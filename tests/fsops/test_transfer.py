@@ -28,6 +28,7 @@ from fsops.blocks import (
     punch_hole,
 )
 from fsops.transfer import FileChanged, TransferStats, push_file
+from tests.support.pagecache import evict, resident_pages
 
 MiB = 1 << 20
 GFID = b"\x11" * 16
@@ -569,37 +570,6 @@ def test_delta_frees_a_tail_block_that_became_a_hole(tmp_path: Path) -> None:
     assert os.stat(dst).st_blocks <= os.stat(src).st_blocks
 
 
-def _resident(path: Path) -> list[bool]:
-    """Which pages of ``path`` are in the page cache (``mincore(2)`` of a mapping)."""
-    import ctypes
-    import mmap
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    size = path.stat().st_size
-    pages = (size + mmap.PAGESIZE - 1) // mmap.PAGESIZE
-    vec = (ctypes.c_ubyte * pages)()
-    # A shared writable mapping (ctypes needs a writable buffer for its address); nothing
-    # is written, and mapping a file reads none of it.
-    with open(path, "r+b") as f, mmap.mmap(f.fileno(), size) as m:
-        first = ctypes.c_char.from_buffer(m)
-        try:
-            if libc.mincore(ctypes.c_void_p(ctypes.addressof(first)), ctypes.c_size_t(size),
-                            vec) != 0:
-                pytest.skip(f"mincore: {os.strerror(ctypes.get_errno())}")
-        finally:
-            del first
-    return [bool(b & 1) for b in vec]
-
-
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
 @pytest.mark.parametrize("file_range", [False, True], ids=["pread", "splice"])
 def test_a_cold_file_is_read_ahead_of_the_writes(tmp_path: Path, file_range: bool) -> None:
     """When the first data_write is submitted, the kernel has already been asked for the
@@ -607,8 +577,8 @@ def test_a_cold_file_is_read_ahead_of_the_writes(tmp_path: Path, file_range: boo
     src, dst = tmp_path / "src", tmp_path / "dst"
     size = 24 * MiB
     _rand_file(src, size)
-    _evict(src)
-    if any(_resident(src)[256:]):  # e.g. tmpfs: nothing to evict, nothing to observe
+    evict(src)
+    if any(resident_pages(src)[256:]):  # e.g. tmpfs: nothing to evict, nothing to observe
         pytest.skip("the file system keeps this file cached")
     seen: list[list[bool]] = []
 
@@ -617,7 +587,7 @@ def test_a_cold_file_is_read_ahead_of_the_writes(tmp_path: Path, file_range: boo
             # mincore counts a page once its read completed: give the disk a moment
             # (nothing else reads this file while we wait).
             deadline = time.monotonic() + 10
-            while not all(ahead := _resident(src)[(12 * MiB) // 4096:]) and (
+            while not all(ahead := resident_pages(src)[(12 * MiB) // 4096:]) and (
                     time.monotonic() < deadline):
                 time.sleep(0.01)
             seen.append(ahead)
