@@ -24,8 +24,14 @@ Rpc = Callable[[str, dict, Any], concurrent.futures.Future]
 #: which the rpc's transport reads itself (transport.FileRange: spliced into the pipe).
 FileRangeOf = Callable[[int, int, int], Any]
 
-#: Outstanding data_write/data_hole requests before waiting for the oldest reply.
-MAX_OUTSTANDING = 16
+#: Largest ``data_write`` payload.  4 MiB rather than 1: the secondary writes a large
+#: payload with one ``O_DIRECT`` call that waits for the device, so fewer, larger writes
+#: keep the disk busier per call (a 1 GiB file over ssh, three runs each on the benchmark
+#: VM: streaming 1.81 -> 1.64 s, median).  The protocol allows 8 MiB (MAX_PAYLOAD).
+MAX_WRITE = 4 << 20
+#: Outstanding data_write/data_hole requests before waiting for the oldest reply (with
+#: MAX_WRITE, at most 32 MiB of file data in flight per file).
+MAX_OUTSTANDING = 8
 #: How far ahead of what is being sent the kernel is asked to read a file (see _read_ahead).
 READ_AHEAD = 32 << 20
 _ADVISE_PIECE = 1 << 20
@@ -224,7 +230,7 @@ def push_file(
     block: int = DEFAULT_BLOCK,
     window: int = 16 << 20,
     ahead: int = 64 << 20,
-    max_write: int = 1 << 20,
+    max_write: int = MAX_WRITE,
     timeout: float = 300,
     file_range: FileRangeOf | None = None,
 ) -> None:
