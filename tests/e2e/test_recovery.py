@@ -32,7 +32,7 @@ import pytest
 
 from tests.e2e.helpers import REPO, wait_for
 from tests.support.compare import compare_trees
-from tests.support.sshd import REMOTE_COMMAND, SshServer
+from tests.support.sshd import REMOTE_COMMAND, SshServer, ssh_connection_child
 from tests.support.treegen import make_tree
 
 GEOREP = [sys.executable, str(REPO / "bin" / "georep-node")]
@@ -261,14 +261,9 @@ def _ssh_client(proc: subprocess.Popen[str]) -> psutil.Process | None:
     """The sync's ``ssh`` child; waits for it while the sync starts up (at most 10 s)."""
     deadline = time.monotonic() + 10
     while proc.poll() is None and time.monotonic() < deadline:
-        try:
-            kids = psutil.Process(proc.pid).children(recursive=True)
-        except psutil.NoSuchProcess:
-            return None
-        for k in kids:
-            with contextlib.suppress(psutil.Error):
-                if k.name() == "ssh":
-                    return k
+        child = ssh_connection_child(proc.pid)
+        if child is not None:
+            return child
         time.sleep(0.01)
     return None
 

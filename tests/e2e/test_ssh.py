@@ -11,7 +11,6 @@ import sys
 import threading
 from pathlib import Path
 
-import psutil
 import pytest
 
 from tests.e2e.helpers import wait_for
@@ -22,6 +21,7 @@ from tests.support.sshd import (
     SshServer,
     keygen,
     spare_port,
+    ssh_connection_child,
     sshd_missing,
     start_sshd,
 )
@@ -216,14 +216,6 @@ def test_lock_refused_error_type(tmp_path: Path) -> None:
             p.wait(timeout=30)
 
 
-def _ssh_child(pid: int) -> psutil.Process | None:
-    try:
-        kids = psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return None
-    return next((k for k in kids if k.name() == "ssh"), None)
-
-
 def _moved(secondary: Path) -> bool:
     try:
         return len(os.listdir(secondary)) > 3
@@ -241,10 +233,12 @@ def test_reconnect_after_ssh_is_killed(sshd: SshServer, tree: Path, tmp_path: Pa
          "--bwlimit", "16M"],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, stdin=subprocess.DEVNULL)
     try:
-        ssh = wait_for(lambda: _ssh_child(sync.pid), 60, "the ssh child of the sync")
         wait_for(lambda: _moved(secondary) or sync.poll() is not None, 120,
                  "the first data on the secondary")
         assert sync.poll() is None, "the sync ended before the ssh could be killed"
+        # Looked up once data moves: earlier, the only ssh child may be the ``ssh -G``
+        # configuration probe, which is gone by now.
+        ssh = wait_for(lambda: ssh_connection_child(sync.pid), 60, "the ssh child of the sync")
         ssh.send_signal(signal.SIGKILL)
         out, err = sync.communicate(timeout=300)
     finally:

@@ -21,6 +21,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+import psutil
+
 SSHD = "/usr/sbin/sshd"
 REPO = Path(__file__).resolve().parents[2]
 #: How the tests run georep-node on the "remote" host: this interpreter, this checkout.
@@ -134,4 +136,24 @@ def sshd_missing() -> str | None:
         return f"{SSHD} is not installed (Debian package openssh-server; scripts/setup.sh)"
     if shutil.which("ssh") is None or shutil.which("ssh-keygen") is None:
         return "the OpenSSH client is not installed (Debian package openssh-client)"
+    return None
+
+
+def ssh_connection_child(pid: int) -> psutil.Process | None:
+    """The ``ssh`` child of process ``pid`` that carries the session, or None.
+
+    A sync may also run a short-lived ``ssh -G`` (it reads the configuration, connects to
+    nothing; see transport.endpoint.cipher_options): that one is never the answer, so a
+    test that kills "the ssh" kills the connection and not the probe.
+    """
+    try:
+        kids = psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return None
+    for k in kids:
+        try:
+            if k.name() == "ssh" and "-G" not in k.cmdline() and k.status() != psutil.STATUS_ZOMBIE:
+                return k
+        except psutil.Error:
+            continue
     return None
