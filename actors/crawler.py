@@ -258,11 +258,11 @@ class Crawler(Inspectable, pykka.ThreadingActor):
             if self.done is not None and not self.done.done():
                 self.done.set_result(CrawlResult(self.unresolved))
             return
-        todo = self.stack.pop()
-        # Ask for its listing before scanning it here, so the two overlap (it is
-        # often a child just found, which no prefetch has asked for yet).
-        self._request_listing(todo)
+        # Ask for the listings of the next few before taking one (they are often
+        # children just found, which no prefetch has asked for yet), so the secondary
+        # lists while this side scans.
         self._prefetch()
+        todo = self._next()
         self._crawl(todo)
         self._me.step.defer()
 
@@ -272,6 +272,23 @@ class Crawler(Inspectable, pykka.ThreadingActor):
             if todo.names is not None:
                 args["names"] = todo.names
             todo.listing = self.channel.call_async("list_dir", args)
+
+    def _next(self) -> _Todo:
+        """Take the next directory to crawl: the topmost of the prefetch window whose
+        listing is already here (or that needs none), else the top of the stack.
+
+        A listing the secondary has not answered yet is often queued behind a large
+        one (its lister answers in order): crawling a directory that is ready meanwhile
+        keeps both sides busy.  Every directory on the stack has had its parent planned,
+        so any of them may go first; taking from the top few keeps the walk depth-first
+        and the stack as small as before.
+        """
+        stack = self.stack
+        for i in range(len(stack) - 1, max(len(stack) - PREFETCH, 0) - 1, -1):
+            t = stack[i]
+            if not t.needs_listing or (t.listing is not None and t.listing.done()):
+                return stack.pop(i)
+        return stack.pop()
 
     def _prefetch(self) -> None:
         for todo in self.stack[-PREFETCH:]:
