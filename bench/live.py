@@ -1,11 +1,13 @@
 """Continuous replication: georep ``sync`` (no ``--once``) next to lsyncd, same run.
 
     python -m bench.live [--duration 20] [--rate 100] [--burst 5000] [--rename-files 5000]
-                         [--million] [--workdir DIR] [--keep] [--no-update-md]
+                         [--local] [--million] [--workdir DIR] [--keep] [--no-update-md]
 
-Each tool follows its own copy of the same source tree into a local target directory,
-one tool at a time (both are given the whole machine; the other one is stopped and, for
-georep, its recorder daemon too).  Per tool:
+Each tool follows its own copy of the same source tree into its own target directory,
+over ssh to a private sshd on 127.0.0.1 (``tests.support.sshd``; ``--local``: a local
+target path instead), one tool at a time (both are given the whole machine; the other
+one is stopped and, for georep, its recorder daemon too).  The target is on this
+machine, so the poller below watches it directly.  Per tool:
 
 1. start it and wait until the target has every name of the source (lsyncd's initial
    rsync, georep's hybrid crawl);
@@ -23,12 +25,15 @@ sync worker's RSS is sampled every 0.5 s (psutil) and its peak reported, with th
 secondary host's and the recorder's.
 
 lsyncd runs with ``settings { nodaemon = true } sync { default.rsync, source = SRC,
-target = DST, delay = 1 }``: by design it waits ``delay`` seconds to aggregate events.
+target = DST, delay = 1 }`` (over ssh: ``target = "root@127.0.0.1:DST/"`` and rsync
+options archive, hard_links, acls, xattrs, --numeric-ids with ``rsh`` the same ssh
+command georep gets): by design it waits ``delay`` seconds to aggregate events.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -53,6 +58,7 @@ from bench.common import (
     update_section,
     write_results,
 )
+from tests.support.sshd import REMOTE_COMMAND, SshServer, sshd_missing, start_sshd
 
 TOOLS = ("georep", "lsyncd")
 POLL = 0.005
@@ -60,6 +66,16 @@ TARGETS = {"latency_p50": 0.5, "latency_p99": 2.0, "burst": 2.5, "rename": 0.5,
            "rss_mib": 150.0}
 LSYNCD_CONF = """settings {{ nodaemon = true }}
 sync {{ default.rsync, source = "{src}", target = "{dst}", delay = 1 }}
+"""
+LSYNCD_SSH_CONF = """settings {{ nodaemon = true }}
+sync {{
+    default.rsync, source = "{src}", target = "{target}", delay = 1,
+    rsync = {{
+        archive = true, hard_links = true, acls = true, xattrs = true,
+        rsh = "{rsh}",
+        _extra = {{ "--numeric-ids" }}
+    }}
+}}
 """
 
 
@@ -96,9 +112,10 @@ def visible(d: Path) -> set[str]:
 class Tool:
     """A running replicator from ``src`` to ``dst``."""
 
-    def __init__(self, name: str, base: Path) -> None:
+    def __init__(self, name: str, base: Path, server: SshServer | None = None) -> None:
         self.name = name
         self.base = base
+        self.server = server
         self.src = base / f"src-{name}"
         self.dst = base / f"dst-{name}"
         self.state = base / f"state-{name}"
@@ -107,12 +124,19 @@ class Tool:
     def start(self) -> None:
         self.dst.mkdir(exist_ok=True)
         err = open(self.base / f"{self.name}.log", "ab")  # noqa: SIM115 (child keeps it)
+        srv = self.server
+        target = str(self.dst) if srv is None else f"{srv.user}@{srv.host}:{self.dst}"
         if self.name == "georep":
             env = dict(os.environ, GEOREP_STATE_DIR=str(self.state))
-            argv = [sys.executable, str(GEOREP_NODE), "sync", str(self.src), str(self.dst)]
+            argv = [sys.executable, str(GEOREP_NODE), "sync", str(self.src), target]
+            if srv is not None:
+                argv += ["--ssh-command", srv.ssh_command(), "--remote-command",
+                         REMOTE_COMMAND]
         else:
             conf = self.base / "lsyncd.conf"
-            conf.write_text(LSYNCD_CONF.format(src=self.src, dst=self.dst))
+            conf.write_text(LSYNCD_CONF.format(src=self.src, dst=self.dst) if srv is None
+                            else LSYNCD_SSH_CONF.format(src=self.src, target=f"{target}/",
+                                                        rsh=srv.ssh_command()))
             env = dict(os.environ)
             argv = ["lsyncd", str(conf)]
         self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=err, stderr=err,
@@ -247,8 +271,9 @@ def rename(tool: Tool, count: int) -> dict[str, Any]:
     return {"files": count, "seconds": time.monotonic() - t0}
 
 
-def run_tool(name: str, base: Path, ns: argparse.Namespace) -> dict[str, Any]:
-    tool = Tool(name, base)
+def run_tool(name: str, base: Path, ns: argparse.Namespace,
+             server: SshServer | None) -> dict[str, Any]:
+    tool = Tool(name, base, server)
     tool.src.mkdir()
     for d in range(10):
         (tool.src / f"d{d}").mkdir()
@@ -387,7 +412,9 @@ def table(result: dict[str, Any]) -> str:
 
 def markdown(result: dict[str, Any], json_path: Path) -> str:
     m = result["machine"]
-    cmd = "python -m bench.live" + (" --million" if result.get("million") else "")
+    cmd = ("python -m bench.live" + (" --local" if result.get("transport") == "local" else "")
+           + (" --million" if result.get("million") else ""))
+    over_ssh = result.get("transport") == "ssh"
     parts = [
         f"Generated by `{cmd}` on {result['date']} (georep {m['georep_rev']}); raw numbers "
         f"in `bench/results/{json_path.name}` (not committed).",
@@ -403,22 +430,44 @@ def markdown(result: dict[str, Any], json_path: Path) -> str:
         "",
         table(result),
         "",
-        "Each tool follows its own copy of a 1,010-entry tree into a local directory, one "
-        "tool at a time (the other stopped).  Latency: a writer creates 100-byte files at "
+        "Each tool follows its own copy of a 1,010-entry tree "
+        + ("over ssh to a private sshd on 127.0.0.1 (tests/support/sshd.py; the target "
+           "directory is on this machine, so the poller watches it directly)"
+           if over_ssh else "into a local directory")
+        + ", one tool at a time (the other stopped).  Latency: a writer creates 100-byte files at "
         f"{result['rate']:.0f}/s for {result['duration']:.0f} s; a poller stats each "
         "pending name on the target every 5 ms; latency is from the writer's `close` to "
         "the name being visible with its full size.  Burst: from the first create to the "
         "last name listed on the target.  Rename: from `rename(2)` to the new name listed "
         "with all files and the old name gone.",
         "",
-        "Commands (local target directories):",
-        "",
-        "```",
-        "GEOREP_STATE_DIR=STATE python bin/georep-node sync SRC DST",
-        "lsyncd CONF   # settings { nodaemon = true } "
-        "sync { default.rsync, source = SRC, target = DST, delay = 1 }",
-        "```",
     ]
+    if over_ssh:
+        parts += [
+            "Commands (HOST = root@127.0.0.1, SSH = `ssh -F /dev/null -i KEY -p PORT -o "
+            "StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR "
+            "-o IdentitiesOnly=yes`; georep offers AES-GCM first on this CPU, lsyncd's "
+            "rsync uses OpenSSH's default cipher: for files of 100 bytes the cipher does "
+            "not show):",
+            "",
+            "```",
+            "GEOREP_STATE_DIR=STATE python bin/georep-node sync SRC HOST:DST "
+            "--ssh-command SSH --remote-command 'python bin/georep-node'",
+            "lsyncd CONF   # settings { nodaemon = true } sync { default.rsync, source = SRC, "
+            "target = \"HOST:DST/\", delay = 1, rsync = { archive, hard_links, acls, xattrs, "
+            "rsh = SSH, _extra = { \"--numeric-ids\" } } }",
+            "```",
+        ]
+    else:
+        parts += [
+            "Commands (local target directories):",
+            "",
+            "```",
+            "GEOREP_STATE_DIR=STATE python bin/georep-node sync SRC DST",
+            "lsyncd CONF   # settings { nodaemon = true } "
+            "sync { default.rsync, source = SRC, target = DST, delay = 1 }",
+            "```",
+        ]
     for tool, r in result["tools"].items():
         lat = r.get("latency", {})
         parts.append("")
@@ -446,6 +495,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--burst", type=int, default=5000)
     ap.add_argument("--rename-files", type=int, default=5000)
     ap.add_argument("--tools", default=",".join(TOOLS))
+    ap.add_argument("--local", action="store_true",
+                    help="local target directories instead of ssh to 127.0.0.1")
     ap.add_argument("--million", action="store_true", help="also the 1,000,000-entry RSS run")
     ap.add_argument("--million-entries", type=int, default=1_000_000)
     ap.add_argument("--only-million", action="store_true", help="only the million run")
@@ -455,19 +506,28 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--keep", action="store_true")
     ap.add_argument("--no-update-md", action="store_true")
     ns = ap.parse_args(argv)
+    over_ssh = not ns.local and not ns.only_million
+    why = sshd_missing() if over_ssh else None
+    if why:
+        log(f"bench.live: {why} (or run it with --local)")
+        return 2
     base = Path(tempfile.mkdtemp(prefix="georep-bench-live-", dir=ns.workdir))
+    # Not under ``base``: stopping a tool kills every process that names ``base``.
+    sshd_dir = Path(tempfile.mkdtemp(prefix="georep-bench-sshd-", dir=ns.workdir))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(base),
         "lsyncd_version": (sh(["lsyncd", "--version"]).splitlines() or [""])[0],
         "rate": ns.rate, "duration": ns.duration, "burst": ns.burst,
         "rename_files": ns.rename_files, "tools": {},
+        "transport": "ssh" if over_ssh else "local",
     }
     try:
         if not ns.only_million:
-            for name in ns.tools.split(","):
-                result["tools"][name] = run_tool(name, base, ns)
-                result["tools"][name]["load1_after"] = os.getloadavg()[0]
+            with (start_sshd(sshd_dir) if over_ssh else contextlib.nullcontext()) as server:
+                for name in ns.tools.split(","):
+                    result["tools"][name] = run_tool(name, base, ns, server)
+                    result["tools"][name]["load1_after"] = os.getloadavg()[0]
         if ns.million or ns.only_million:
             result["million"] = million(base, ns.million_entries)
         elif ns.million_from:
@@ -480,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                 pass
         if not ns.keep:
             rmtree(base)
+        rmtree(sshd_dir)
     path = write_results("live", result)
     print(table(result))
     print(f"results: {path}")
