@@ -47,6 +47,7 @@ from typing import Any
 
 from bench.common import (
     REPO,
+    SSH_LEGEND,
     BenchError,
     Run,
     drop_caches,
@@ -309,9 +310,8 @@ def render(result: dict[str, Any], delta: dict[str, list[Run]] | None,
                        f"{size / s / 1e6:.0f} MB/s | {pipe / s * 100:.0f} % | "
                        f"{disk / s * 100:.0f} % |")
         out.append("")
-    out += ["Commands (HOST = root@127.0.0.1, SSH = `ssh -F /dev/null -i KEY -p PORT -o "
-            "StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o "
-            "IdentitiesOnly=yes`, wrapped in `python bench/sshcount.py LOG` for the delta):",
+    out += [f"Commands ({SSH_LEGEND}, wrapped in `python bench/sshcount.py LOG` for the "
+            "delta):",
             "",
             "```",
             "georep-node sync SRC HOST:DST --once --json --ssh-command SSH "

@@ -27,6 +27,30 @@ BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 #: xattr prefixes georep writes on the primary (gfids, marks).
 GEOREP_XATTR_PREFIXES = (b"trusted.georep.", b"user.georep.")
 
+#: How the generated sections name the ssh client of the test sshd
+#: (tests.support.sshd.SshServer.ssh_command) and its host.
+SSH_LEGEND = ("HOST = root@127.0.0.1, SSH = `ssh -F /dev/null -i KEY -p PORT -o "
+              "StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o "
+              "IdentitiesOnly=yes`")
+#: lsyncd replicating over ssh with what ``rsync -aHAX --numeric-ids`` carries.
+LSYNCD_SSH_CONF = """settings {{ nodaemon = true, insist = false }}
+sync {{
+    default.rsync,
+    source = "{src}",
+    target = "{target}",
+    delay = 1,
+    rsync = {{
+        archive = true, hard_links = true, acls = true, xattrs = true,
+        rsh = "{rsh}",
+        _extra = {{ "--numeric-ids" }}
+    }}
+}}
+"""
+#: LSYNCD_SSH_CONF as the generated sections show it.
+LSYNCD_SSH_COMMAND = ("lsyncd CONF   # sync { default.rsync, source = SRC, target = \"HOST:DST/\", "
+                      "delay = 1, rsync = { archive, hard_links, acls, xattrs, rsh = SSH, "
+                      "_extra = { \"--numeric-ids\" } } }")
+
 
 @dataclass
 class Run:

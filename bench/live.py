@@ -25,9 +25,10 @@ sync worker's RSS is sampled every 0.5 s (psutil) and its peak reported, with th
 secondary host's and the recorder's.
 
 lsyncd runs with ``settings { nodaemon = true } sync { default.rsync, source = SRC,
-target = DST, delay = 1 }`` (over ssh: ``target = "root@127.0.0.1:DST/"`` and rsync
-options archive, hard_links, acls, xattrs, --numeric-ids with ``rsh`` the same ssh
-command georep gets): by design it waits ``delay`` seconds to aggregate events.
+target = DST, delay = 1 }`` (over ssh: ``bench.common.LSYNCD_SSH_CONF``, the one of
+bench.scale: ``target = "root@127.0.0.1:DST/"``, rsync options archive, hard_links,
+acls, xattrs, --numeric-ids, ``rsh`` the same ssh command georep gets): by design it
+waits ``delay`` seconds to aggregate events.
 """
 
 from __future__ import annotations
@@ -51,6 +52,9 @@ import psutil
 
 from bench.common import (
     GEOREP_NODE,
+    LSYNCD_SSH_COMMAND,
+    LSYNCD_SSH_CONF,
+    SSH_LEGEND,
     log,
     machine_info,
     rmtree,
@@ -66,16 +70,6 @@ TARGETS = {"latency_p50": 0.5, "latency_p99": 2.0, "burst": 2.5, "rename": 0.5,
            "rss_mib": 150.0}
 LSYNCD_CONF = """settings {{ nodaemon = true }}
 sync {{ default.rsync, source = "{src}", target = "{dst}", delay = 1 }}
-"""
-LSYNCD_SSH_CONF = """settings {{ nodaemon = true }}
-sync {{
-    default.rsync, source = "{src}", target = "{target}", delay = 1,
-    rsync = {{
-        archive = true, hard_links = true, acls = true, xattrs = true,
-        rsh = "{rsh}",
-        _extra = {{ "--numeric-ids" }}
-    }}
-}}
 """
 
 
@@ -444,18 +438,14 @@ def markdown(result: dict[str, Any], json_path: Path) -> str:
     ]
     if over_ssh:
         parts += [
-            "Commands (HOST = root@127.0.0.1, SSH = `ssh -F /dev/null -i KEY -p PORT -o "
-            "StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR "
-            "-o IdentitiesOnly=yes`; georep offers AES-GCM first on this CPU, lsyncd's "
+            f"Commands ({SSH_LEGEND}; georep offers AES-GCM first on this CPU, lsyncd's "
             "rsync uses OpenSSH's default cipher: for files of 100 bytes the cipher does "
             "not show):",
             "",
             "```",
             "GEOREP_STATE_DIR=STATE python bin/georep-node sync SRC HOST:DST "
             "--ssh-command SSH --remote-command 'python bin/georep-node'",
-            "lsyncd CONF   # settings { nodaemon = true } sync { default.rsync, source = SRC, "
-            "target = \"HOST:DST/\", delay = 1, rsync = { archive, hard_links, acls, xattrs, "
-            "rsh = SSH, _extra = { \"--numeric-ids\" } } }",
+            LSYNCD_SSH_COMMAND,
             "```",
         ]
     else:
@@ -513,7 +503,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     base = Path(tempfile.mkdtemp(prefix="georep-bench-live-", dir=ns.workdir))
     # Not under ``base``: stopping a tool kills every process that names ``base``.
-    sshd_dir = Path(tempfile.mkdtemp(prefix="georep-bench-sshd-", dir=ns.workdir))
+    sshd_dir = (Path(tempfile.mkdtemp(prefix="georep-bench-sshd-", dir=ns.workdir))
+                if over_ssh else None)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     result: dict[str, Any] = {
         "date": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "machine": machine_info(base),
@@ -524,7 +515,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     try:
         if not ns.only_million:
-            with (start_sshd(sshd_dir) if over_ssh else contextlib.nullcontext()) as server:
+            with (start_sshd(sshd_dir) if sshd_dir else contextlib.nullcontext()) as server:
                 for name in ns.tools.split(","):
                     result["tools"][name] = run_tool(name, base, ns, server)
                     result["tools"][name]["load1_after"] = os.getloadavg()[0]
@@ -540,7 +531,8 @@ def main(argv: list[str] | None = None) -> int:
                 pass
         if not ns.keep:
             rmtree(base)
-        rmtree(sshd_dir)
+        if sshd_dir:
+            rmtree(sshd_dir)
     path = write_results("live", result)
     print(table(result))
     print(f"results: {path}")

@@ -61,6 +61,9 @@ import psutil
 from actors.batcher import MAX_BYTES_IN_FLIGHT, MAX_OPS_IN_FLIGHT
 from bench.common import (
     GEOREP_NODE,
+    LSYNCD_SSH_COMMAND,
+    LSYNCD_SSH_CONF,
+    SSH_LEGEND,
     BenchError,
     log,
     machine_info,
@@ -78,19 +81,6 @@ MID_LEAVES = 20
 TOOLS = ("georep", "rsync", "lsyncd")
 TARGET_RATIO_200K = 20.0
 TARGET_RSS_MIB = 150.0
-LSYNCD_CONF = """settings {{ nodaemon = true, insist = false }}
-sync {{
-    default.rsync,
-    source = "{src}",
-    target = "{target}",
-    delay = 1,
-    rsync = {{
-        archive = true, hard_links = true, acls = true, xattrs = true,
-        rsh = "{rsh}",
-        _extra = {{ "--numeric-ids" }}
-    }}
-}}
-"""
 
 
 # -- the tree -------------------------------------------------------------------------------
@@ -266,7 +256,7 @@ class Live:
                     REMOTE_COMMAND]
         else:
             conf = self.work / f"lsyncd-{self.dst.name}.conf"
-            conf.write_text(LSYNCD_CONF.format(src=self.src, target=f"{target}/",
+            conf.write_text(LSYNCD_SSH_CONF.format(src=self.src, target=f"{target}/",
                                                rsh=self.server.ssh_command()))
             env = dict(os.environ)
             argv = ["lsyncd", str(conf)]
@@ -637,17 +627,13 @@ def render(result: dict[str, Any], path: Path) -> str:
                        f"{c['peak_ops_in_flight']:,} (budget {MAX_OPS_IN_FLIGHT:,}), inline "
                        f"data {c.get('peak_inline_bytes_in_flight', 0) / 2**20:.1f} MiB "
                        f"(budget {MAX_BYTES_IN_FLIGHT / 2**20:.0f} MiB).")
-    out += ["", "Commands (HOST = root@127.0.0.1, SSH = `ssh -F /dev/null -i KEY -p PORT -o "
-            "StrictHostKeyChecking=no -o UserKnownHostsFile=/dev/null -o LogLevel=ERROR -o "
-            "IdentitiesOnly=yes`):", "", "```",
+    out += ["", f"Commands ({SSH_LEGEND}):", "", "```",
             "georep-node sync SRC HOST:DST --once --json --ssh-command SSH --remote-command "
             "'python bin/georep-node'",
             "georep-node sync SRC HOST:DST --ssh-command SSH --remote-command "
             "'python bin/georep-node'      # continuous",
             "rsync -aHAX --numeric-ids --delete -e SSH SRC/ HOST:DST/",
-            "lsyncd CONF   # sync { default.rsync, source = SRC, target = \"HOST:DST/\", "
-            "delay = 1, rsync = { archive, hard_links, acls, xattrs, rsh = SSH, "
-            "_extra = { \"--numeric-ids\" } } }",
+            LSYNCD_SSH_COMMAND,
             "```"]
     return "\n".join(out)
 
